@@ -1,0 +1,55 @@
+"""The `llmpack` command: a thin dispatcher, one module per subcommand."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from llmpack.formats.errors import LlmpackError
+
+# subcommand -> (module, one-line help). Modules import lazily: `generate` never loads torch.
+COMMANDS = {
+    "convert": ("llmpack.converter.cmd_convert", "transformers checkpoint folder -> .llmpack file"),
+    "generate": ("llmpack.runtime.cmd_generate", "continue a prompt, streaming tokens"),
+    "chat": ("llmpack.runtime.cmd_chat", "multi-turn chat with the model's own template"),
+    "inspect": ("llmpack.runtime.cmd_inspect", "show a file's header, tensors and quality report"),
+}
+
+
+def usage() -> str:
+    rows = "\n".join(f"  {name:<10} {desc}" for name, (_, desc) in COMMANDS.items())
+    return f"usage: llmpack COMMAND [options]\n\ncommands:\n{rows}\n\nRun `llmpack COMMAND --help` for examples."
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] == "--version":
+        from llmpack import __version__
+
+        print(f"llmpack {__version__}")
+        return 0
+    cmd = argv[0]
+    if cmd not in COMMANDS:
+        print(f"llmpack: unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(COMMANDS[cmd][0])
+    except ModuleNotFoundError as e:
+        if cmd == "convert" and e.name in ("torch", "transformers", "safetensors"):
+            print("llmpack convert needs the converter extras: pip install 'llmpack[convert]'", file=sys.stderr)
+            return 2
+        raise
+    try:
+        return module.main(argv[1:]) or 0
+    except LlmpackError as e:
+        print(f"llmpack {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

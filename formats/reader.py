@@ -1,0 +1,153 @@
+"""Memory-mapping reader. Validates the whole structure before handing out zero-copy views."""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from . import quant
+from .errors import FormatError
+from .spec import (ALIGN, FORMAT_VERSION, MAGIC, MAX_HEADER_BYTES, PREFIX_SIZE, READER_FOR_VERSION,
+                   STORAGE_TYPES, GROUP_SIZES, part_layout)
+
+
+class Pack:
+    """An opened .llmpack file: `header`, `tensors` (name -> entry), and array access by name."""
+
+    def __init__(self, path: str | os.PathLike, verify: bool = True):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FormatError(f"{self.path}: no such file")
+        size = self.path.stat().st_size
+        if size < PREFIX_SIZE:
+            raise FormatError(f"{self.path}: {size} bytes is too short to be an llmpack file (truncated?)")
+        with open(self.path, "rb") as fh:
+            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self.header = _read_header(self._mm, self.path)
+        self.tensors = {t["name"]: t for t in self.header["tensors"]}
+        _check_directory(self.header["tensors"], _header_offset(self._mm), self.path)
+        self._buf = np.frombuffer(self._mm, np.uint8)
+        if verify:
+            self.verify()
+
+    def verify(self):
+        """Check every part's CRC32; raises FormatError naming the first damaged tensor."""
+        for t in self.header["tensors"]:
+            for pname, (off, n, crc) in t["parts"].items():
+                if zlib.crc32(self._buf[off:off + n]) != crc:
+                    raise FormatError(f"{self.path}: tensor {t['name']} ({pname}) fails its checksum: "
+                                      f"the file is corrupt; convert it again")
+
+    def __contains__(self, name):
+        return name in self.tensors
+
+    def parts(self, name: str) -> dict[str, np.ndarray]:
+        """Zero-copy views of a tensor's stored parts."""
+        t = self.tensors[name]
+        layout = part_layout(t["type"], tuple(t["shape"]), t.get("group_size"), "zeros" in t["parts"])
+        out = {}
+        for pname, (dtype, shape) in layout.items():
+            off, n, _ = t["parts"][pname]
+            out[pname] = self._buf[off:off + n].view(dtype).reshape(shape)
+        return out
+
+    def blob(self, name: str) -> bytes:
+        return self.parts(name)["data"].tobytes()
+
+    def array(self, name: str, rows=None) -> np.ndarray:
+        """Logical tensor as float32 (zero-copy for f32; widened/dequantized otherwise)."""
+        t = self.tensors[name]
+        p = self.parts(name)
+        kind = t["type"]
+        if kind == "f32" or kind == "i32":
+            a = p["data"]
+            return a if rows is None else a[rows]
+        if kind == "f16":
+            a = p["data"] if rows is None else p["data"][rows]
+            return a.astype(np.float32)
+        if kind == "bf16":
+            a = p["data"] if rows is None else p["data"][rows]
+            return (a.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        if STORAGE_TYPES[kind].quantized:
+            return quant.dequantize(p, tuple(t["shape"]), STORAGE_TYPES[kind].bits, t["group_size"], rows)
+        raise FormatError(f"tensor {name} of type {kind} is not numeric")
+
+    def close(self):
+        self._buf = None
+        self._mm.close()
+
+
+def _header_offset(mm) -> tuple[int, int]:
+    return struct.unpack_from("<QQ", mm, 16)
+
+
+def _read_header(mm, path) -> dict:
+    if mm[:8] != MAGIC:
+        raise FormatError(f"{path}: not an llmpack file (bad magic); convert the model with `llmpack convert`")
+    version, _flags = struct.unpack_from("<II", mm, 8)
+    if version > FORMAT_VERSION:
+        need = READER_FOR_VERSION.get(version, "a newer release")
+        raise FormatError(f"{path}: format version {version} is newer than this llmpack reads "
+                          f"({FORMAT_VERSION}); upgrade llmpack ({need} or later)")
+    if version < 1:
+        raise FormatError(f"{path}: invalid format version {version}")
+    hoff, hlen = _header_offset(mm)
+    if hlen > MAX_HEADER_BYTES:
+        raise FormatError(f"{path}: header claims {hlen} bytes (limit {MAX_HEADER_BYTES}); the file is corrupt")
+    if hoff < PREFIX_SIZE or hoff + hlen != len(mm):
+        raise FormatError(f"{path}: header at {hoff}+{hlen} does not end the {len(mm)}-byte file; "
+                          f"the file is truncated or corrupt")
+    try:
+        header = json.loads(bytes(mm[hoff:hoff + hlen]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: header is not valid JSON ({e.__class__.__name__}); the file is corrupt")
+    if not isinstance(header, dict) or header.get("format_version") != version:
+        raise FormatError(f"{path}: header format_version does not match the file's version field")
+    for key in ("model", "tensors", "tokenizer"):
+        if key not in header:
+            raise FormatError(f"{path}: header lacks required field '{key}'")
+    return header
+
+
+def _check_directory(tensors, header_span, path):
+    hoff, _ = header_span
+    spans = []
+    seen = set()
+    for t in tensors:
+        name = t.get("name")
+        if not isinstance(name, str) or name in seen:
+            raise FormatError(f"{path}: tensor directory has a missing or duplicate name {name!r}")
+        seen.add(name)
+        kind = t.get("type")
+        if kind not in STORAGE_TYPES:
+            raise FormatError(f"{path}: tensor {name} has unknown storage type {kind!r}; "
+                              f"upgrade llmpack or convert again")
+        shape = t.get("shape")
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise FormatError(f"{path}: tensor {name} has an invalid shape {shape!r}")
+        g = t.get("group_size")
+        if STORAGE_TYPES[kind].quantized and (len(shape) != 2 or g not in GROUP_SIZES):
+            raise FormatError(f"{path}: quantized tensor {name} needs a 2-D shape and a group size "
+                              f"in {GROUP_SIZES}, got {shape} / {g}")
+        parts = t.get("parts", {})
+        layout = part_layout(kind, tuple(shape), g, "zeros" in parts)
+        if set(parts) != set(layout):
+            raise FormatError(f"{path}: tensor {name} has parts {sorted(parts)}, expected {sorted(layout)}")
+        for pname, (dtype, pshape) in layout.items():
+            off, n, _crc = parts[pname]
+            want = int(np.prod(pshape)) * np.dtype(dtype).itemsize
+            if n != want:
+                raise FormatError(f"{path}: tensor {name} ({pname}) holds {n} bytes but its shape needs {want}")
+            if off % ALIGN or off < PREFIX_SIZE or off + n > hoff:
+                raise FormatError(f"{path}: tensor {name} ({pname}) at {off}+{n} lies outside the data region "
+                                  f"(ends at {hoff}); the file is corrupt")
+            spans.append((off, off + n, name))
+    spans.sort()
+    for (a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise FormatError(f"{path}: tensors {an} and {bn} overlap; the file is corrupt")

@@ -1,0 +1,105 @@
+"""The llmpack file format, version 1 — the one spec the writer and the reader share.
+
+Layout (all integers little-endian)::
+
+    0   8 bytes  magic  b"LLMPACK\\0"
+    8   u32      format version (FORMAT_VERSION)
+    12  u32      flags (0; reserved)
+    16  u64      header offset  (byte offset of the JSON header)
+    24  u64      header length  (bytes)
+    32  32 bytes zero padding
+    64  tensor data, every part starting at a multiple of ALIGN (64) bytes
+    ..  UTF-8 JSON header; the file ends exactly where the header ends
+
+The header sits at the end so a converter can stream tensors to disk one at a time
+and only then write the directory (checksums are known once the data is written).
+
+Header JSON (keys)::
+
+    format_version  int, equals the binary field
+    min_reader      str, the oldest llmpack version that reads this file
+    model           canonical model description the runtime executes (see converter.arch)
+    config          the source config.json, HF field names kept as-is (provenance / tooling)
+    tokenizer       {"kind": "hf_json"|"sentencepiece", "blob": tensor name, "special": {...},
+                     "add_bos": bool, "chat_template": str|null}
+    generation      defaults from generation_config.json (eos_token_id, temperature, …)
+    provenance      {"converter": version, "source": {file: sha256}, "options": {...}}
+    quality         list of measured reports (later steps append; may be empty)
+    tensors         [{"name", "type", "shape", "group_size"?, "parts": {part: [offset, nbytes, crc32]}}]
+
+A tensor is one logical array (`shape`) stored in one or more *parts*. Plain types have a
+single part "data". Quantized types ("q8", "q4", "q2") store a weight W of logical shape
+(N, K) group-wise along K, in onnxruntime's MatMulNBits layout so a backend can map the
+bytes without copying::
+
+    data    uint8  (N, ceil(K/g), g*bits/8)   codes, low bits first within a byte
+    scales  f16    (N, ceil(K/g))
+    zeros   uint8  (N, ceil(ceil(K/g)*bits/8)) packed zero points (optional; without it the
+                                               zero point is 2**(bits-1), i.e. symmetric)
+    W[n, k] = (code[n, k] - zero[n, k // g]) * scale[n, k // g]
+
+K is padded with code == zero (i.e. value 0) up to a whole number of groups.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MAGIC = b"LLMPACK\x00"
+FORMAT_VERSION = 1
+PREFIX_SIZE = 64
+ALIGN = 64
+MAX_HEADER_BYTES = 64 << 20  # a header is metadata; anything larger is corruption
+# Which llmpack release first reads each format version (for "file too new" messages).
+READER_FOR_VERSION = {1: "0.1"}
+
+
+@dataclass(frozen=True)
+class StorageType:
+    """One row of the storage-type table: how a logical tensor becomes bytes."""
+
+    name: str
+    bits: int  # bits per element of the logical tensor (codes only for quantized types)
+    numpy: str | None  # numpy dtype of the single "data" part for plain types
+    quantized: bool = False
+
+
+STORAGE_TYPES: dict[str, StorageType] = {
+    t.name: t
+    for t in [
+        StorageType("f32", 32, "<f4"),
+        StorageType("f16", 16, "<f2"),
+        StorageType("bf16", 16, "<u2"),  # raw bfloat16 bits; the reader widens to f32
+        StorageType("i32", 32, "<i4"),
+        StorageType("u8", 8, "u1"),  # opaque bytes (tokenizer files)
+        StorageType("q8", 8, None, quantized=True),
+        StorageType("q4", 4, None, quantized=True),
+        StorageType("q2", 2, None, quantized=True),
+    ]
+}
+
+GROUP_SIZES = (16, 32, 64, 128, 256)
+
+
+def n_groups(k: int, group_size: int) -> int:
+    return math.ceil(k / group_size)
+
+
+def part_layout(type_name: str, shape: tuple[int, ...], group_size: int | None, has_zeros: bool) -> dict:
+    """Map part name -> (numpy dtype string, shape) for a tensor of this storage type."""
+    st = STORAGE_TYPES[type_name]
+    if not st.quantized:
+        return {"data": (st.numpy, tuple(shape))}
+    n, k = shape
+    g = n_groups(k, group_size)
+    parts = {
+        "data": ("u1", (n, g, group_size * st.bits // 8)),
+        "scales": ("<f2", (n, g)),
+    }
+    if has_zeros:
+        parts["zeros"] = ("u1", (n, math.ceil(g * st.bits / 8)))
+    return parts
+
+
+def align(offset: int) -> int:
+    return (offset + ALIGN - 1) // ALIGN * ALIGN

@@ -1,0 +1,103 @@
+"""Streaming, atomic writer: tensors go to disk as they are produced; the header comes last."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LlmpackError
+from .spec import FORMAT_VERSION, MAGIC, PREFIX_SIZE, READER_FOR_VERSION, STORAGE_TYPES, align, part_layout
+
+
+class PackWriter:
+    """Use as a context manager; on any exception the temporary file is removed and OUT is untouched."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tensors: list[dict] = []
+        self._names: set[str] = set()
+        self._fh = None
+        self._tmp = None
+
+    def __enter__(self):
+        if self.path.exists() and self.path.is_dir():
+            raise LlmpackError(f"output {self.path} is a directory; give a file name such as model.llmpack")
+        parent = self.path.parent if str(self.path.parent) else Path(".")
+        if not parent.is_dir():
+            raise LlmpackError(f"output folder {parent} does not exist; create it first")
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
+        self._fh = os.fdopen(fd, "wb")
+        self._fh.write(b"\0" * PREFIX_SIZE)  # patched in finish()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self._fh.close()
+            os.unlink(self._tmp)
+        return False
+
+    def add(self, name: str, type_name: str, shape, parts: dict[str, np.ndarray], group_size: int | None = None):
+        """Append one tensor given its parts (already in storage form, see spec.part_layout)."""
+        if name in self._names:
+            raise ValueError(f"duplicate tensor {name}")
+        shape = tuple(int(s) for s in shape)
+        layout = part_layout(type_name, shape, group_size, "zeros" in parts)
+        if set(layout) != set(parts):
+            raise ValueError(f"{name}: parts {sorted(parts)} != {sorted(layout)} for type {type_name}")
+        entry = {"name": name, "type": type_name, "shape": list(shape), "parts": {}}
+        if group_size is not None:
+            entry["group_size"] = group_size
+        for pname, (dtype, pshape) in layout.items():
+            arr = np.ascontiguousarray(parts[pname])
+            if arr.dtype != np.dtype(dtype) or arr.shape != pshape:
+                raise ValueError(f"{name}.{pname}: got {arr.dtype}{arr.shape}, spec says {dtype}{pshape}")
+            pos = self._fh.tell()
+            self._fh.write(b"\0" * (align(pos) - pos))
+            offset = self._fh.tell()
+            buf = memoryview(arr).cast("B")
+            self._fh.write(buf)
+            entry["parts"][pname] = [offset, buf.nbytes, zlib.crc32(buf)]
+        self.tensors.append(entry)
+        self._names.add(name)
+
+    def add_array(self, name: str, arr: np.ndarray, type_name: str):
+        """Plain (non-quantized) tensor from a float/int array, converted to `type_name`."""
+        st = STORAGE_TYPES[type_name]
+        if type_name == "bf16":
+            data = _to_bf16_bits(np.asarray(arr, np.float32))
+        else:
+            data = np.asarray(arr).astype(st.numpy)
+        self.add(name, type_name, data.shape, {"data": data})
+
+    def add_blob(self, name: str, blob: bytes):
+        self.add(name, "u8", (len(blob),), {"data": np.frombuffer(blob, np.uint8)})
+
+    def finish(self, header: dict):
+        """Write header and prefix, fsync, and atomically move the file into place."""
+        header = dict(header, format_version=FORMAT_VERSION, min_reader=READER_FOR_VERSION[FORMAT_VERSION],
+                      tensors=self.tensors)
+        blob = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+        pos = self._fh.tell()
+        self._fh.write(b"\0" * (align(pos) - pos))
+        hoff = self._fh.tell()
+        self._fh.write(blob)
+        self._fh.seek(0)
+        self._fh.write(MAGIC + struct.pack("<IIQQ", FORMAT_VERSION, 0, hoff, len(blob)))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.chmod(self._tmp, 0o644)
+        os.replace(self._tmp, self.path)
+
+
+def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits with round-to-nearest-even (as torch does)."""
+    u = x.view(np.uint32)
+    rounded = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+

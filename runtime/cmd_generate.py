@@ -1,0 +1,57 @@
+"""llmpack generate FILE -p PROMPT — continue a prompt, streaming tokens to stdout."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .model import load
+
+EXAMPLE = """examples:
+  llmpack generate qwen05.llmpack -p "def fibonacci(n):" -n 64
+  llmpack generate qwen05.llmpack -p "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 1
+"""
+
+
+def add_sampling_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("sampling (default: the model's generation_config; greedy if none)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="penalize seen tokens (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--no-verify", action="store_true", help="skip checksum verification at load")
+
+
+def sampling_kwargs(args) -> dict:
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            "repeat_penalty": args.repeat_penalty, "seed": args.seed}
+
+
+def check_sampling(args):
+    from llmpack.formats.errors import LlmpackError
+
+    if args.temperature is not None and args.temperature < 0:
+        raise LlmpackError("--temperature must be >= 0")
+    if not 0 < args.top_p <= 1:
+        raise LlmpackError("--top-p must be in (0, 1]")
+    if args.top_k < 0 or args.repeat_penalty <= 0:
+        raise LlmpackError("--top-k must be >= 0 and --repeat-penalty > 0")
+
+
+def main(argv) -> int:
+    p = argparse.ArgumentParser(prog="llmpack generate", description=__doc__.split("—")[1].strip(),
+                                epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", help=".llmpack file")
+    p.add_argument("-p", "--prompt", required=True, help="text to continue")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=128)
+    add_sampling_args(p)
+    args = p.parse_args(argv)
+    check_sampling(args)
+    model = load(args.file, verify=not args.no_verify)
+    out = sys.stdout
+    out.write(args.prompt)
+    for piece in model.generate(args.prompt, args.max_new_tokens, **sampling_kwargs(args)):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    return 0

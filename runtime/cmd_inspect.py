@@ -1,0 +1,68 @@
+"""llmpack inspect FILE — header, architecture, tensor table, sizes, provenance, quality report."""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+from llmpack.formats.reader import Pack
+
+EXAMPLE = """examples:
+  llmpack inspect qwen05.llmpack
+  llmpack inspect qwen05.llmpack --verify --tensors
+"""
+
+
+def main(argv) -> int:
+    p = argparse.ArgumentParser(prog="llmpack inspect", description=__doc__.split("—")[1].strip(),
+                                epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file")
+    p.add_argument("--verify", action="store_true", help="check every tensor's CRC32")
+    p.add_argument("--tensors", action="store_true", help="list every tensor")
+    p.add_argument("--json", action="store_true", help="print the raw header as JSON")
+    args = p.parse_args(argv)
+    pack = Pack(args.file, verify=args.verify)
+    h = pack.header
+    if args.json:
+        print(json.dumps({k: v for k, v in h.items()}, indent=1, ensure_ascii=False))
+        return 0
+    m = h["model"]
+    size = pack.path.stat().st_size
+    n_params = sum(_numel(t["shape"]) for t in h["tensors"] if t["type"] != "u8")
+    print(f"file        {pack.path}  {size / 1e6:.1f} MB  format v{h['format_version']}"
+          + ("  checksums OK" if args.verify else ""))
+    print(f"family      {m['family']}  layers {m['n_layers']}  head_dim {m['head_dim']}  "
+          f"norm {m['norm']}  act {m['act']}  context {m['context_length']}  tied head {m['tied_head']}")
+    emb = pack.tensors["embed.weight"]["shape"]
+    print(f"size        vocab {emb[0]}  hidden {emb[1]}  parameters {n_params / 1e6:.1f} M  "
+          f"bits/weight {8 * size / max(n_params, 1):.2f}")
+    by_type = Counter()
+    for t in h["tensors"]:
+        by_type[t["type"]] += sum(part[1] for part in t["parts"].values())
+    print("storage     " + "  ".join(f"{k} {v / 1e6:.1f} MB" for k, v in by_type.most_common()))
+    tok = h["tokenizer"]
+    print(f"tokenizer   {tok['kind']}  specials {tok.get('special', {})}  "
+          f"chat template {'yes' if tok.get('chat_template') else 'no'}")
+    prov = h.get("provenance", {})
+    print(f"provenance  converter {prov.get('converter')}  options {prov.get('options')}  "
+          f"source dtypes {prov.get('source_dtypes')}  {len(prov.get('source', {}))} source files hashed")
+    gen = h.get("generation") or {}
+    if gen:
+        print(f"generation  {json.dumps(gen)}")
+    for q in h.get("quality") or []:
+        print(f"quality     {json.dumps(q)}")
+    if not h.get("quality"):
+        print("quality     (no measurement recorded)")
+    if args.tensors:
+        for t in h["tensors"]:
+            nbytes = sum(part[1] for part in t["parts"].values())
+            g = f" g{t['group_size']}" if t.get("group_size") else ""
+            print(f"  {t['name']:<40} {t['type']:<5}{g:<5} {str(tuple(t['shape'])):<18} {nbytes:>12,d} B")
+    return 0
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
