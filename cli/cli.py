@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from llmpack.formats.errors import LlmpackError
@@ -12,6 +13,8 @@ COMMANDS = {
     "generate": ("llmpack.runtime.cmd_generate", "continue a prompt, streaming tokens"),
     "chat": ("llmpack.runtime.cmd_chat", "multi-turn chat with the model's own template"),
     "inspect": ("llmpack.runtime.cmd_inspect", "show a file's header, tensors and quality report"),
+    "export-onnx": ("llmpack.runtime.cmd_export_onnx", "write model.onnx + genai_config.json for onnxruntime(-genai)"),
+    "eval": ("llmpack.runtime.cmd_eval", "KL divergence, top-1 and perplexity of a file against a reference"),
 }
 
 
@@ -44,11 +47,25 @@ def main(argv=None) -> int:
     try:
         return module.main(argv[1:]) or 0
     except LlmpackError as e:
-        print(f"llmpack {cmd}: error: {e}", file=sys.stderr)
+        print(f"llmpack {cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `llmpack generate ... | head`: stop quietly (as the Python docs advise)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as e:  # noqa: BLE001 — a bug or an input we do not check yet: still one line
+        if os.environ.get("LLMPACK_DEBUG"):
+            raise
+        print(f"llmpack {cmd}: internal error: {e.__class__.__name__}: {_one_line(e)} "
+              f"(if the input is valid, please report this; LLMPACK_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

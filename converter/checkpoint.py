@@ -22,8 +22,10 @@ class Checkpoint:
             raise LlmpackError(f"{src}: no config.json; is this a transformers checkpoint folder?")
         try:
             self.config_dict = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
             raise LlmpackError(f"{cfg}: invalid JSON ({e}); fix or re-download the checkpoint")
+        if not isinstance(self.config_dict, dict):
+            raise LlmpackError(f"{cfg}: not a JSON object; fix or re-download the checkpoint")
         self.weight_files = self._find_weights()
         self._handles = {}
         self._index = None
@@ -33,8 +35,12 @@ class Checkpoint:
         if index.is_file():
             try:
                 wmap = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise LlmpackError(f"{index}: unreadable shard index ({e}); re-download the checkpoint")
+            except (ValueError, KeyError, TypeError) as e:  # bad JSON / UTF-8, no weight_map, not an object
+                raise LlmpackError(f"{index}: unreadable shard index ({e.__class__.__name__}: {e}); "
+                                   f"re-download the checkpoint")
+            if not (isinstance(wmap, dict) and all(isinstance(f, str) for f in wmap.values())):
+                raise LlmpackError(f"{index}: weight_map is not an object of tensor name -> file name; "
+                                   f"re-download the checkpoint")
             files = sorted(set(wmap.values()))
             missing = [f for f in files if not (self.dir / f).is_file()]
             if missing:
@@ -91,9 +97,12 @@ class Checkpoint:
         if not p.is_file():
             return {}
         try:
-            return json.loads(p.read_text())
-        except json.JSONDecodeError as e:
+            data = json.loads(p.read_text())
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
             raise LlmpackError(f"{p}: invalid JSON ({e})")
+        if not isinstance(data, dict):
+            raise LlmpackError(f"{p}: not a JSON object; fix or re-download the checkpoint")
+        return data
 
     def sha256_files(self) -> dict[str, str]:
         """Hashes of every source file, recorded as provenance."""

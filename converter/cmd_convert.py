@@ -6,8 +6,16 @@ import importlib.util
 
 from llmpack.formats.errors import LlmpackError
 
-EXAMPLE = """example:
-  llmpack convert ./Qwen2.5-Coder-0.5B-Instruct -o qwen05.llmpack --dtype q8
+EXAMPLE = """examples:
+  llmpack convert ./Qwen2.5-Coder-0.5B-Instruct -o qwen05.llmpack --dtype f16
+  llmpack convert ./Qwen2.5-Coder-0.5B-Instruct -o qwen05-q4.llmpack --bits 4 --method gptq
+  llmpack convert SRC -o q4.llmpack --bits 4 --method awq+gptq --keep head=8 --eval-text standards.txt
+  llmpack convert SRC -o mixed.llmpack --target-bpw 3.5 --method gptq
+
+methods: rtn (round to nearest, clipping range searched per group; no calibration),
+gptq (layer by layer on calibration activations), awq (activation-aware scales + RTN),
+awq+gptq. GPTQ/AWQ/--target-bpw calibrate on --calib FILE, by default on the shipped
+calibration text (the Python tutorial, see converter/quantize/data/SOURCE.md).
 """
 
 
@@ -16,19 +24,65 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="transformers checkpoint folder (config.json, *.safetensors, tokenizer)")
     p.add_argument("-o", "--output", required=True, help="output .llmpack file (written atomically)")
-    p.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8"],
-                   help="storage of the weight matrices (norms and biases stay f32); default f16")
-    p.add_argument("--group-size", type=int, default=32, help="q8 group size along the input dim (default 32)")
+    p.add_argument("--dtype", default="f16", help="f32, f16, bf16 or q8: storage of the weight matrices "
+                   "when not quantizing (norms and biases stay f32; q8 = --bits 8); default f16")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--bits", type=_int, help="quantize every weight matrix (embedding and head row-wise) "
+                   "to 8, 4, 3 or 2 bits")
+    q.add_argument("--group-size", type=_int, default=None,
+                   help="quantization group along the input dim: 16, 32, 64, 128 or 256 (default 32)")
+    q.add_argument("--method", default="rtn", help="rtn, gptq, awq (AWQ scales + RTN) or awq+gptq (default rtn)")
+    q.add_argument("--symmetric", action="store_true", default=None,
+                   help="no zero points (default: symmetric at 8 bits, zero points below)")
+    q.add_argument("--keep", action="append", default=[], metavar="PATTERN=BITS",
+                   help="per-tensor override, PATTERN a regex on the llmpack or checkpoint tensor name, "
+                        "BITS 8/4/3/2 or f16/f32 (repeatable; e.g. --keep head=8 --keep 'mlp.down=4')")
+    q.add_argument("--target-bpw", type=_float, metavar="X",
+                   help="pick per-tensor bits from measured sensitivity for an average of X bits per weight "
+                        "(scales and zero points counted)")
+    c = p.add_argument_group("calibration (gptq, awq, --target-bpw)")
+    c.add_argument("--calib", metavar="FILE", help="calibration text file (default: the shipped text)")
+    c.add_argument("--calib-samples", type=_int, default=16, help="calibration windows (default 16)")
+    c.add_argument("--calib-seqlen", type=_int, default=512, help="tokens per calibration window (default 512)")
+    c.add_argument("--seed", type=_int, default=0, help="seed for sample choice (default 0)")
+    c.add_argument("--no-act-order", action="store_true", help="GPTQ: keep the natural column order")
+    c.add_argument("--damp", type=_float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (0.01)")
+    e = p.add_argument_group("measurement")
+    e.add_argument("--eval-text", metavar="TEXT", help="measure KLD/top-1/PPL against the source on this text "
+                   "and store the report in the file (needs torch; see `llmpack eval`)")
+    e.add_argument("--eval-windows", type=_int, default=16, help="windows for --eval-text (default 16)")
+    e.add_argument("--eval-ctx", type=_int, default=512, help="tokens per window for --eval-text (default 512)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return p
 
 
+def _int(s):
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}")
+
+
+def _float(s):
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
+
+
 def main(argv) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse's own errors print usage + message; make them the same one-line errors as ours.
+    parser.error = lambda message: (_ for _ in ()).throw(LlmpackError(message))
+    args = parser.parse_args(argv)
     for mod in ("torch", "transformers", "safetensors"):
         if importlib.util.find_spec(mod) is None:
             raise LlmpackError(f"convert needs {mod}: pip install 'llmpack[convert]'")
     from .convert import convert
 
-    convert(args.src, args.output, dtype=args.dtype, group_size=args.group_size, quiet=args.quiet)
+    convert(args.src, args.output, dtype=args.dtype, group_size=args.group_size, quiet=args.quiet,
+            bits=args.bits, method=args.method, keep=args.keep, target_bpw=args.target_bpw, calib=args.calib,
+            calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
+            symmetric=args.symmetric, act_order=not args.no_act_order, damp=args.damp,
+            eval_text=args.eval_text, eval_windows=args.eval_windows, eval_ctx=args.eval_ctx)
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -26,11 +27,22 @@ class Pack:
         size = self.path.stat().st_size
         if size < PREFIX_SIZE:
             raise FormatError(f"{self.path}: {size} bytes is too short to be an llmpack file (truncated?)")
-        with open(self.path, "rb") as fh:
-            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        self.header = _read_header(self._mm, self.path)
+        try:
+            with open(self.path, "rb") as fh:
+                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise FormatError(f"{self.path}: cannot map the file ({e})")
+        try:
+            self.header = _read_header(self._mm, self.path)
+            _check_directory(self.header, _header_offset(self._mm), self.path)
+        except FormatError:
+            self._mm.close()
+            raise
+        except Exception as e:  # a malformed header must never surface as TypeError/KeyError/...
+            self._mm.close()
+            raise FormatError(f"{self.path}: malformed header ({e.__class__.__name__}: {e}); "
+                              f"the file is corrupt") from e
         self.tensors = {t["name"]: t for t in self.header["tensors"]}
-        _check_directory(self.header["tensors"], _header_offset(self._mm), self.path)
         self._buf = np.frombuffer(self._mm, np.uint8)
         if verify:
             self.verify()
@@ -78,8 +90,13 @@ class Pack:
         raise FormatError(f"tensor {name} of type {kind} is not numeric")
 
     def close(self):
+        """Drop the pack's own references to the mapping. Views handed out by parts()/array()
+        keep it alive; it is unmapped when the last of them is gone."""
         self._buf = None
-        self._mm.close()
+        try:
+            self._mm.close()
+        except BufferError:  # views still exported: the mmap closes itself once they are freed
+            pass
 
 
 def _header_offset(mm) -> tuple[int, int]:
@@ -104,43 +121,65 @@ def _read_header(mm, path) -> dict:
                           f"the file is truncated or corrupt")
     try:
         header = json.loads(bytes(mm[hoff:hoff + hlen]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise FormatError(f"{path}: header is not valid JSON ({e.__class__.__name__}); the file is corrupt")
-    if not isinstance(header, dict) or header.get("format_version") != version:
-        raise FormatError(f"{path}: header format_version does not match the file's version field")
-    for key in ("model", "tensors", "tokenizer"):
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: header is a JSON {type(header).__name__}, not an object; the file is corrupt")
+    if not _is_int(header.get("format_version")) or header["format_version"] != version:
+        raise FormatError(f"{path}: header format_version {header.get('format_version')!r} does not match "
+                          f"the file's version field {version}; the file is corrupt")
+    for key, kind in (("model", dict), ("tensors", list), ("tokenizer", dict)):
         if key not in header:
             raise FormatError(f"{path}: header lacks required field '{key}'")
+        if not isinstance(header[key], kind):
+            raise FormatError(f"{path}: header field '{key}' is a JSON {type(header[key]).__name__}, "
+                              f"expected {'an object' if kind is dict else 'an array'}; the file is corrupt")
     return header
 
 
-def _check_directory(tensors, header_span, path):
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_directory(header, header_span, path):
+    """Every tensor entry well-typed, its parts sized as its shape needs, aligned, inside the data
+    region and disjoint; the tokenizer blob names a byte tensor. Raises FormatError otherwise."""
     hoff, _ = header_span
     spans = []
-    seen = set()
-    for t in tensors:
+    seen = {}
+    for i, t in enumerate(header["tensors"]):
+        if not isinstance(t, dict):
+            raise FormatError(f"{path}: tensor directory entry {i} is not an object; the file is corrupt")
         name = t.get("name")
         if not isinstance(name, str) or name in seen:
-            raise FormatError(f"{path}: tensor directory has a missing or duplicate name {name!r}")
-        seen.add(name)
+            raise FormatError(f"{path}: tensor directory has a missing or duplicate name {name!r}; "
+                              f"the file is corrupt")
         kind = t.get("type")
-        if kind not in STORAGE_TYPES:
+        if not isinstance(kind, str) or kind not in STORAGE_TYPES:
             raise FormatError(f"{path}: tensor {name} has unknown storage type {kind!r}; "
                               f"upgrade llmpack or convert again")
+        seen[name] = kind
         shape = t.get("shape")
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-            raise FormatError(f"{path}: tensor {name} has an invalid shape {shape!r}")
+        if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
+            raise FormatError(f"{path}: tensor {name} has an invalid shape {shape!r}; the file is corrupt")
         g = t.get("group_size")
-        if STORAGE_TYPES[kind].quantized and (len(shape) != 2 or g not in GROUP_SIZES):
+        if STORAGE_TYPES[kind].quantized and (len(shape) != 2 or not _is_int(g) or g not in GROUP_SIZES):
             raise FormatError(f"{path}: quantized tensor {name} needs a 2-D shape and a group size "
-                              f"in {GROUP_SIZES}, got {shape} / {g}")
-        parts = t.get("parts", {})
+                              f"in {GROUP_SIZES}, got {shape} / {g!r}")
+        parts = t.get("parts")
+        if not isinstance(parts, dict):
+            raise FormatError(f"{path}: tensor {name} has no parts object (got {type(parts).__name__}); "
+                              f"the file is corrupt")
         layout = part_layout(kind, tuple(shape), g, "zeros" in parts)
         if set(parts) != set(layout):
             raise FormatError(f"{path}: tensor {name} has parts {sorted(parts)}, expected {sorted(layout)}")
         for pname, (dtype, pshape) in layout.items():
-            off, n, _crc = parts[pname]
-            want = int(np.prod(pshape)) * np.dtype(dtype).itemsize
+            entry = parts[pname]
+            if not (isinstance(entry, list) and len(entry) == 3 and all(_is_int(x) and x >= 0 for x in entry)):
+                raise FormatError(f"{path}: tensor {name} ({pname}) has an invalid location {entry!r}; "
+                                  f"expected [offset, nbytes, crc32] as integers; the file is corrupt")
+            off, n, _crc = entry
+            want = math.prod(pshape) * np.dtype(dtype).itemsize
             if n != want:
                 raise FormatError(f"{path}: tensor {name} ({pname}) holds {n} bytes but its shape needs {want}")
             if off % ALIGN or off < PREFIX_SIZE or off + n > hoff:
@@ -151,3 +190,10 @@ def _check_directory(tensors, header_span, path):
     for (a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:]):
         if b0 < a1:
             raise FormatError(f"{path}: tensors {an} and {bn} overlap; the file is corrupt")
+    # (An empty tokenizer section is allowed at this level: format-only files in tests have none.)
+    tok = header["tokenizer"]
+    if "kind" in tok and not isinstance(tok["kind"], str):
+        raise FormatError(f"{path}: the tokenizer kind {tok['kind']!r} is not a string; the file is corrupt")
+    if "blob" in tok and (not isinstance(tok["blob"], str) or seen.get(tok["blob"]) != "u8"):
+        raise FormatError(f"{path}: the tokenizer blob {tok['blob']!r} is not a byte tensor of this file; "
+                          f"the file is corrupt")

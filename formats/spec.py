@@ -28,17 +28,39 @@ Header JSON (keys)::
     tensors         [{"name", "type", "shape", "group_size"?, "parts": {part: [offset, nbytes, crc32]}}]
 
 A tensor is one logical array (`shape`) stored in one or more *parts*. Plain types have a
-single part "data". Quantized types ("q8", "q4", "q2") store a weight W of logical shape
-(N, K) group-wise along K, in onnxruntime's MatMulNBits layout so a backend can map the
-bytes without copying::
+single part "data". Quantized types store a weight W of logical shape (N, K) — a linear
+layer (out, in), or an embedding/head (vocab, hidden), i.e. row-wise blocks — group-wise
+along K with group size g (a tensor entry's "group_size"; one of GROUP_SIZES)::
 
-    data    uint8  (N, ceil(K/g), g*bits/8)   codes, low bits first within a byte
+    data    uint8  (N, ceil(K/g), g*bits/8)    codes, one little-endian bit stream per group,
+                                               low bits first
     scales  f16    (N, ceil(K/g))
-    zeros   uint8  (N, ceil(ceil(K/g)*bits/8)) packed zero points (optional; without it the
-                                               zero point is 2**(bits-1), i.e. symmetric)
+    zeros   uint8  (N, ceil(ceil(K/g)*bits/8)) zero points, packed the same way (optional;
+                                               without it the zero point is 2**(bits-1):
+                                               symmetric)
     W[n, k] = (code[n, k] - zero[n, k // g]) * scale[n, k // g]
 
-K is padded with code == zero (i.e. value 0) up to a whole number of groups.
+K is padded with code == zero (i.e. value 0) up to a whole number of groups. Every tensor
+records its own type and group size, so one file mixes precisions freely.
+
+Storage-type table (bits/weight = codes + f16 scale + packed zero point, at g = 32)::
+
+    type  packing                                          = MatMulNBits?   bits/weight
+                                                                            sym    asym
+    q8    1 code per byte                                  yes (8-bit)      8.50   8.75
+    q4    2 codes per byte, low nibble first               yes (4-bit)      4.50   4.625
+    q3    8 codes per 3 bytes: a 24-bit little-endian      no               3.50   3.594
+          word, code i at bits 3i..3i+2 (dense)
+    q2    4 codes per byte, low bits first                 yes (2-bit)      2.50   2.5625
+
+q8/q4/q2 are byte-for-byte onnxruntime's MatMulNBits B/scales/zero_points, so a backend maps
+them without a copy. q3 has no MatMulNBits kernel: a backend widens it at load to the q4
+layout (formats.quant.widen_q3_to_q4: same scales; asymmetric codes and zero points keep their
+values, symmetric codes are shifted by +4 so q4's implied zero point 8 applies). That costs
+4/3 of the code bytes, in private memory instead of the mapped file: at g = 32 asymmetric,
+4.625 bits/weight of RAM for a 3.59 bits/weight file. The numpy backend dequantizes every
+type directly (quant.dequantize); the embedding gathers and dequantizes only the rows it
+needs (Pack.array(name, rows=ids)), like onnxruntime's GatherBlockQuantized.
 """
 from __future__ import annotations
 
@@ -74,6 +96,7 @@ STORAGE_TYPES: dict[str, StorageType] = {
         StorageType("u8", 8, "u1"),  # opaque bytes (tokenizer files)
         StorageType("q8", 8, None, quantized=True),
         StorageType("q4", 4, None, quantized=True),
+        StorageType("q3", 3, None, quantized=True),  # dense 3-bit stream; widened to q4 to run
         StorageType("q2", 2, None, quantized=True),
     ]
 }
@@ -83,6 +106,14 @@ GROUP_SIZES = (16, 32, 64, 128, 256)
 
 def n_groups(k: int, group_size: int) -> int:
     return math.ceil(k / group_size)
+
+
+def quantized_nbytes(type_name: str, shape: tuple[int, int], group_size: int, has_zeros: bool) -> int:
+    """Bytes a quantized tensor occupies (all parts, without alignment padding)."""
+    bits = STORAGE_TYPES[type_name].bits
+    n, k = shape
+    g = n_groups(k, group_size)
+    return n * g * group_size * bits // 8 + n * g * 2 + (n * math.ceil(g * bits / 8) if has_zeros else 0)
 
 
 def part_layout(type_name: str, shape: tuple[int, ...], group_size: int | None, has_zeros: bool) -> dict:

@@ -36,9 +36,16 @@ class PackWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self._fh.close()
-            os.unlink(self._tmp)
+        # Not finished (an exception, or finish() never called): no header, so no file either.
+        # Once finish() has moved the file into place there is no temporary left to remove.
+        if self._tmp is not None:
+            if not self._fh.closed:
+                self._fh.close()
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            self._tmp = None
         return False
 
     def add(self, name: str, type_name: str, shape, parts: dict[str, np.ndarray], group_size: int | None = None):
@@ -53,7 +60,7 @@ class PackWriter:
         if group_size is not None:
             entry["group_size"] = group_size
         for pname, (dtype, pshape) in layout.items():
-            arr = np.ascontiguousarray(parts[pname])
+            arr = np.asarray(parts[pname], order="C")  # (ascontiguousarray would make a scalar 1-D)
             if arr.dtype != np.dtype(dtype) or arr.shape != pshape:
                 raise ValueError(f"{name}.{pname}: got {arr.dtype}{arr.shape}, spec says {dtype}{pshape}")
             pos = self._fh.tell()
@@ -77,27 +84,41 @@ class PackWriter:
     def add_blob(self, name: str, blob: bytes):
         self.add(name, "u8", (len(blob),), {"data": np.frombuffer(blob, np.uint8)})
 
-    def finish(self, header: dict):
-        """Write header and prefix, fsync, and atomically move the file into place."""
-        header = dict(header, format_version=FORMAT_VERSION, min_reader=READER_FOR_VERSION[FORMAT_VERSION],
-                      tensors=self.tensors)
+    def _write_header(self, header: dict, hoff: int):
         blob = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
-        pos = self._fh.tell()
-        self._fh.write(b"\0" * (align(pos) - pos))
-        hoff = self._fh.tell()
+        self._fh.seek(hoff)
+        self._fh.truncate()
         self._fh.write(blob)
         self._fh.seek(0)
         self._fh.write(MAGIC + struct.pack("<IIQQ", FORMAT_VERSION, 0, hoff, len(blob)))
         self._fh.flush()
+
+    def finish(self, header: dict, amend=None):
+        """Write header and prefix, fsync, and atomically move the file into place.
+
+        `amend(tmp_path) -> dict`, if given, runs on the complete (still temporary) file, e.g. to
+        measure it; the header is then rewritten with its returned fields before the move.
+        """
+        header = dict(header, format_version=FORMAT_VERSION, min_reader=READER_FOR_VERSION[FORMAT_VERSION],
+                      tensors=self.tensors)
+        pos = self._fh.tell()
+        self._fh.write(b"\0" * (align(pos) - pos))
+        hoff = self._fh.tell()
+        self._write_header(header, hoff)
+        if amend is not None:
+            self._write_header(dict(header, **amend(Path(self._tmp))), hoff)
         os.fsync(self._fh.fileno())
         self._fh.close()
         os.chmod(self._tmp, 0o644)
         os.replace(self._tmp, self.path)
+        self._tmp = None
 
 
 def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bits with round-to-nearest-even (as torch does)."""
     u = x.view(np.uint32)
     rounded = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
-    return (rounded >> np.uint32(16)).astype(np.uint16)
+    # NaN must stay NaN: rounding a large payload would carry into the sign/exponent (-> -0.0).
+    quiet_nan = (u >> np.uint32(16)) | np.uint32(0x0040)
+    return np.where(np.isnan(x), quiet_nan, rounded >> np.uint32(16)).astype(np.uint16)
 

@@ -22,6 +22,23 @@ def add_sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--no-verify", action="store_true", help="skip checksum verification at load")
 
 
+def add_backend_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("engine")
+    g.add_argument("--backend", choices=["onnxruntime", "numpy"], default=None,
+                   help="onnxruntime (fast; the default when installed) or numpy (the reference)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="compute threads (default: the number of physical cores)")
+
+
+def load_model(args):
+    """The model named by args.file with the engine options of add_backend_args."""
+    from llmpack.formats.errors import LlmpackError
+
+    if args.threads is not None and args.threads < 1:
+        raise LlmpackError("--threads must be at least 1")
+    return load(args.file, verify=not args.no_verify, backend=args.backend, threads=args.threads)
+
+
 def sampling_kwargs(args) -> dict:
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "repeat_penalty": args.repeat_penalty, "seed": args.seed}
@@ -45,9 +62,10 @@ def main(argv) -> int:
     p.add_argument("-p", "--prompt", required=True, help="text to continue")
     p.add_argument("-n", "--max-new-tokens", type=int, default=128)
     add_sampling_args(p)
+    add_backend_args(p)
     args = p.parse_args(argv)
     check_sampling(args)
-    model = load(args.file, verify=not args.no_verify)
+    model = load_model(args)
     out = sys.stdout
     out.write(args.prompt)
     for piece in model.generate(args.prompt, args.max_new_tokens, **sampling_kwargs(args)):

@@ -31,19 +31,22 @@ def main(argv) -> int:
     n_params = sum(_numel(t["shape"]) for t in h["tensors"] if t["type"] != "u8")
     print(f"file        {pack.path}  {size / 1e6:.1f} MB  format v{h['format_version']}"
           + ("  checksums OK" if args.verify else ""))
-    print(f"family      {m['family']}  layers {m['n_layers']}  head_dim {m['head_dim']}  "
-          f"norm {m['norm']}  act {m['act']}  context {m['context_length']}  tied head {m['tied_head']}")
-    emb = pack.tensors["embed.weight"]["shape"]
-    print(f"size        vocab {emb[0]}  hidden {emb[1]}  parameters {n_params / 1e6:.1f} M  "
+    # The model description is the runtime's business (it validates it at load): show what is there.
+    print(f"family      {m.get('family')}  layers {m.get('n_layers')}  head_dim {m.get('head_dim')}  "
+          f"norm {m.get('norm')}  act {m.get('act')}  context {m.get('context_length')}  "
+          f"tied head {m.get('tied_head')}")
+    emb = pack.tensors["embed.weight"]["shape"] if "embed.weight" in pack.tensors else ["?", "?"]
+    vocab, hidden = (emb + ["?", "?"])[:2]
+    print(f"size        vocab {vocab}  hidden {hidden}  parameters {n_params / 1e6:.1f} M  "
           f"bits/weight {8 * size / max(n_params, 1):.2f}")
     by_type = Counter()
     for t in h["tensors"]:
         by_type[t["type"]] += sum(part[1] for part in t["parts"].values())
     print("storage     " + "  ".join(f"{k} {v / 1e6:.1f} MB" for k, v in by_type.most_common()))
     tok = h["tokenizer"]
-    print(f"tokenizer   {tok['kind']}  specials {tok.get('special', {})}  "
+    print(f"tokenizer   {tok.get('kind')}  specials {tok.get('special', {})}  "
           f"chat template {'yes' if tok.get('chat_template') else 'no'}")
-    prov = h.get("provenance", {})
+    prov = h.get("provenance") if isinstance(h.get("provenance"), dict) else {}
     print(f"provenance  converter {prov.get('converter')}  options {prov.get('options')}  "
           f"source dtypes {prov.get('source_dtypes')}  {len(prov.get('source', {}))} source files hashed")
     gen = h.get("generation") or {}

@@ -1,6 +1,8 @@
 """`load(path)` -> Model: logits, token/text generation and chat over one backend."""
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 
 from llmpack.formats.reader import Pack
@@ -10,15 +12,37 @@ from .numpy_backend import NumpyBackend
 from .sampling import make_sampler
 from .tokenizer import StreamDecoder, Tokenizer
 
-BACKENDS = {"numpy": NumpyBackend}
+
+def _onnxruntime_backend(pack, threads=None, **options):
+    from .ort_backend import OrtBackend  # imports onnxruntime (~0.3 s) only when chosen
+
+    return OrtBackend(pack, threads=threads, **options)
 
 
-def load(path, backend: str = "numpy", verify: bool = True) -> "Model":
-    """Memory-map a .llmpack file and build a backend over it (raises FormatError on a bad file)."""
+def _numpy_backend(pack, threads=None):
+    return NumpyBackend(pack)  # numpy's BLAS sizes its own thread pool (OMP_NUM_THREADS)
+
+
+BACKENDS = {"onnxruntime": _onnxruntime_backend, "numpy": _numpy_backend}
+
+
+def default_backend() -> str:
+    """onnxruntime when it is installed, else the numpy reference backend."""
+    return "onnxruntime" if importlib.util.find_spec("onnxruntime") is not None else "numpy"
+
+
+def load(path, backend: str | None = None, verify: bool = True, threads: int | None = None,
+         **backend_options) -> "Model":
+    """Memory-map a .llmpack file and build a backend over it (raises FormatError on a bad file).
+
+    backend: "onnxruntime" (default when installed) or "numpy"; threads: compute threads
+    (onnxruntime; default the number of physical cores).
+    """
+    backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     pack = Pack(path, verify=verify)
-    return Model(pack, BACKENDS[backend](pack))
+    return Model(pack, BACKENDS[backend](pack, threads=threads, **backend_options))
 
 
 class Model:

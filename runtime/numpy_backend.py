@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llmpack.formats.errors import FormatError
 from llmpack.formats.reader import Pack
 
 
@@ -62,6 +63,17 @@ class NumpyBackend:
     name = "numpy"
 
     def __init__(self, pack: Pack):
+        try:
+            self._build(pack)
+            self._check()
+        except FormatError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as e:
+            # The header passed the format checks but its model description is not runnable.
+            raise FormatError(f"{pack.path}: the model description does not fit the file's tensors "
+                              f"({e.__class__.__name__}: {e}); convert the model again") from e
+
+    def _build(self, pack: Pack):
         self.pack = pack
         m = pack.header["model"]
         self.m = m
@@ -81,6 +93,76 @@ class NumpyBackend:
             self.head = (self._get("head.weight"), self._get("head.bias"))
         self.inv_freq = {k: pack.array(f"rope.{k}.inv_freq") for k in m.get("rope_scaling", {})}
         self.layers = [self._layer(i, spec) for i, spec in enumerate(m["layers"])]
+
+    def _check(self):
+        """Every field forward() reads has the right type, and every shape agrees with the others,
+        so a malformed (but checksum-clean) header fails here rather than mid-generation."""
+        m, hd = self.m, self.head_dim
+
+        def bad(what):
+            raise FormatError(f"{self.pack.path}: model description: {what}; convert the model again")
+
+        def num(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+        def count(x):
+            return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+        if not count(hd):
+            bad(f"head_dim {hd!r} is not a positive integer")
+        if not count(self.context_length):
+            bad(f"context_length {self.context_length!r} is not a positive integer")
+        if not (num(m["norm_eps"]) and m["norm_eps"] >= 0 and num(m["attn_scale"])):
+            bad("norm_eps (>= 0) and attn_scale must be numbers")
+        for key in ("embed_scale", "final_softcap"):
+            if m.get(key) is not None and not num(m[key]):
+                bad(f"{key} {m[key]!r} is not a number")
+        if m["norm"] not in ("rms", "layer"):
+            bad(f"unknown norm {m['norm']!r}")
+        if not all(isinstance(m.get(k), bool) for k in ("learned_pos", "tied_head", "parallel_block")):
+            bad("learned_pos, tied_head and parallel_block must be booleans")
+        if not (isinstance(m["layers"], list) and len(m["layers"]) == m.get("n_layers", len(m["layers"]))
+                and all(isinstance(spec, dict) for spec in m["layers"])):
+            bad("layers must be a list of n_layers objects")
+        if not all(num(v) for v in m.get("rope_scaling", {}).values()):
+            bad("rope_scaling values must be numbers")
+        V, D = self.pack.tensors["embed.weight"]["shape"]
+        expect = {"final_norm.weight": (D,), "final_norm.bias": (D,), "head.weight": (V, D), "head.bias": (V,)}
+        if self.pos_embed is not None:
+            if self.pos_embed.shape[1:] != (D,) or self.pos_embed.shape[0] < self.context_length:
+                bad(f"pos_embed.weight {self.pos_embed.shape} does not cover {self.context_length} positions of {D}")
+        for kind, f in self.inv_freq.items():
+            if f.ndim != 1 or not 0 < 2 * f.shape[0] <= hd:
+                bad(f"rope.{kind}.inv_freq {f.shape} does not fit head_dim {hd}")
+        for i, (ly, spec) in enumerate(zip(self.layers, m["layers"])):
+            p = f"layers.{i}."
+            for what, lin in (("attn.q", ly.q), ("attn.k", ly.k), ("attn.v", ly.v), ("attn.o", ly.o),
+                              ("mlp.up", ly.up), ("mlp.down", ly.down)):
+                if lin is None:
+                    bad(f"tensor {p}{what}.weight is missing")
+            if ly.attn_norm[0] is None or (ly.mlp_norm is None and not m["parallel_block"]):
+                bad(f"layer {i} lacks a norm")
+            Hq, Hk, F = ly.q[0].shape[0], ly.k[0].shape[0], ly.up[0].shape[0]
+            if Hq % hd or Hk % hd or Hk == 0 or ly.n_heads % ly.n_kv:
+                bad(f"layer {i}: q/k rows {Hq}/{Hk} are not whole heads of {hd} in groups")
+            expect.update({p + "attn.q.weight": (Hq, D), p + "attn.k.weight": (Hk, D),
+                           p + "attn.v.weight": (Hk, D), p + "attn.o.weight": (D, Hq),
+                           p + "attn.q.bias": (Hq,), p + "attn.k.bias": (Hk,), p + "attn.v.bias": (Hk,),
+                           p + "attn.o.bias": (D,), p + "mlp.up.weight": (F, D), p + "mlp.gate.weight": (F, D),
+                           p + "mlp.down.weight": (D, F), p + "mlp.up.bias": (F,), p + "mlp.gate.bias": (F,),
+                           p + "mlp.down.bias": (D,), p + "attn.q_norm.weight": (hd,), p + "attn.k_norm.weight": (hd,)})
+            for norm in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm"):
+                expect[f"{p}{norm}.weight"] = expect[f"{p}{norm}.bias"] = (D,)
+            if (ly.q_norm is None) != (ly.k_norm is None):
+                bad(f"layer {i} has only one of q_norm / k_norm")
+            window = spec.get("window")
+            if window is not None and not count(window):
+                bad(f"layer {i}: window {window!r} is not a positive integer")
+            if self.inv_freq and spec.get("rope") not in self.inv_freq:
+                bad(f"layer {i}: rope kind {spec.get('rope')!r} has no inv_freq table")
+        for name, shape in expect.items():
+            if name in self.pack and tuple(self.pack.tensors[name]["shape"]) != shape:
+                bad(f"tensor {name} has shape {tuple(self.pack.tensors[name]['shape'])}, expected {shape}")
 
     # -- loading ---------------------------------------------------------------------------
     def _get(self, name):

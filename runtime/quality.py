@@ -1,0 +1,152 @@
+"""Quality of a (quantized) model against a reference, over next-token distributions.
+
+The text is tokenized with the file's tokenizer and cut into consecutive, non-overlapping
+windows of `ctx` tokens (a BOS first where the tokenizer adds one); every position of a window
+except the last predicts the next token of that window. Over all those positions:
+
+    KLD    mean of KL(ref || file) = sum_v p_ref(v) (log p_ref(v) - log p_file(v))   (nats)
+    top-1  fraction of positions where both models' most likely next token agree
+    PPL    exp(mean negative log-likelihood of the actual next token), for each model
+
+All in float64 from each model's float32 logits. .llmpack files run on the numpy reference
+backend by default (exact dequantization, the format's ground truth). Torch-free when the reference is a .llmpack;
+a transformers folder as reference imports torch lazily.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llmpack.formats.errors import LlmpackError
+
+from .progress import Progress
+
+
+def read_text(path) -> tuple[str, str]:
+    """(text, name) of an evaluation text file; LlmpackError if missing or empty."""
+    p = Path(path)
+    if not p.is_file():
+        raise LlmpackError(f"text file {path} does not exist")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise LlmpackError(f"text file {path} is empty")
+    return text, p.name
+
+
+def token_windows(tokenizer, text: str, n_windows: int, ctx: int) -> list[np.ndarray]:
+    if ctx < 2:
+        raise LlmpackError(f"--ctx must be at least 2 tokens, got {ctx}")
+    if n_windows < 1:
+        raise LlmpackError(f"--windows must be at least 1, got {n_windows}")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    bos = tokenizer.bos_id if tokenizer.add_bos else None
+    body = ctx - (1 if bos is not None else 0)
+    out = []
+    for w in range(n_windows):
+        chunk = ids[w * body:(w + 1) * body]
+        if len(chunk) < body:
+            break
+        out.append(np.asarray(([bos] if bos is not None else []) + chunk, np.int64))
+    if not out:
+        raise LlmpackError(f"the text has {len(ids)} tokens, fewer than one window of {ctx}; "
+                           f"give a longer text or a smaller --ctx")
+    return out
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+class Accumulator:
+    """Sums over scored positions; `add` one window's logits (T, V) at a time."""
+
+    def __init__(self):
+        self.kld = []
+        self.top1 = 0
+        self.nll = 0.0
+        self.nll_ref = 0.0
+        self.n = 0
+
+    def add(self, ref_logits: np.ndarray, logits: np.ndarray, ids: np.ndarray, chunk: int = 64):
+        if ref_logits.shape != logits.shape:
+            raise LlmpackError(f"reference logits {ref_logits.shape} and file logits {logits.shape} differ: "
+                               f"the two models do not share a vocabulary")
+        tgt = np.asarray(ids)[1:]
+        T = len(tgt)
+        for a in range(0, T, chunk):
+            b = min(T, a + chunk)
+            lr = _log_softmax(ref_logits[a:b])
+            lq = _log_softmax(logits[a:b])
+            self.kld.extend((np.exp(lr) * (lr - lq)).sum(axis=-1).tolist())
+            self.top1 += int((lr.argmax(-1) == lq.argmax(-1)).sum())
+            rows = np.arange(b - a)
+            self.nll += float(-lq[rows, tgt[a:b]].sum())
+            self.nll_ref += float(-lr[rows, tgt[a:b]].sum())
+            self.n += b - a
+
+    def report(self) -> dict:
+        k = np.asarray(self.kld)
+        ppl, ppl_ref = float(np.exp(self.nll / self.n)), float(np.exp(self.nll_ref / self.n))
+        return {"kld": float(k.mean()), "kld_p99": float(np.percentile(k, 99)), "top1": self.top1 / self.n,
+                "ppl": ppl, "ppl_ref": ppl_ref, "ppl_ratio": ppl / ppl_ref, "positions": self.n}
+
+
+def hf_logits_fn(folder, quiet: bool = False):
+    """Full-sequence logits of a transformers checkpoint folder (float32, torch imported here)."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise LlmpackError("a transformers folder as reference needs torch and transformers: "
+                           "pip install 'llmpack[convert]', or pass an f32 .llmpack as reference")
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+    def fn(ids):
+        with torch.no_grad():
+            return model(torch.as_tensor(np.asarray(ids)[None])).logits[0].float().numpy()
+
+    return fn
+
+
+def reference_fn(reference, backend: str = "numpy", quiet: bool = False):
+    p = Path(reference)
+    if p.is_dir():
+        return hf_logits_fn(p, quiet)
+    if not p.is_file():
+        raise LlmpackError(f"reference {reference} does not exist (give a .llmpack file or a transformers folder)")
+    from .model import load
+
+    return load(p, backend=backend).logits
+
+
+def evaluate_files(file, reference, text, windows: int = 16, ctx: int = 512, quiet: bool = False,
+                   backend: str = "numpy") -> dict:
+    """Compare `file` (.llmpack) with `reference` (.llmpack or transformers folder) on `text`, a
+    path or a (text, name) pair. Returns the report dict (figures + what was measured)."""
+    from .model import load
+
+    t0 = time.time()
+    text, name = read_text(text) if not isinstance(text, tuple) else text
+    model = load(file, backend=backend)
+    wins = token_windows(model.tokenizer, text, windows, ctx)
+    ref = reference_fn(reference, backend, quiet)
+    acc = Accumulator()
+    progress = Progress("eval", len(wins), quiet=quiet)
+    for i, ids in enumerate(wins):
+        acc.add(ref(ids), model.logits(ids), ids)
+        progress.step(f"window {i + 1}")
+    progress.done()
+    report = acc.report()
+    report.update(text=name, text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                  windows=len(wins), ctx=ctx, seconds=round(time.time() - t0, 1))
+    model.pack.close()
+    return report

