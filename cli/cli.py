@@ -19,14 +19,17 @@ COMMANDS = {
 
 
 def usage() -> str:
-    rows = "\n".join(f"  {name:<10} {desc}" for name, (_, desc) in COMMANDS.items())
+    rows = "\n".join(f"  {name:<12} {desc}" for name, (_, desc) in COMMANDS.items())
     return f"usage: llmpack COMMAND [options]\n\ncommands:\n{rows}\n\nRun `llmpack COMMAND --help` for examples."
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
+        try:
+            print(usage())
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if argv[0] == "--version":
         from llmpack import __version__

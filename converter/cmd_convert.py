@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=_int, help="quantize every weight matrix (embedding and head row-wise) "
                    "to 8, 4, 3 or 2 bits")
     q.add_argument("--group-size", type=_int, default=None,
-                   help="quantization group along the input dim: 16, 32, 64, 128 or 256 (default 32)")
+                   help="quantization group along the input dim: 16, 32, 64, 128 or 256 (default 32; with "
+                        "--target-bpw and no --group-size, chosen per tensor among 32, 64, 128)")
     q.add_argument("--method", default="rtn", help="rtn, gptq, awq (AWQ scales + RTN) or awq+gptq (default rtn)")
     q.add_argument("--symmetric", action="store_true", default=None,
                    help="no zero points (default: symmetric at 8 bits, zero points below)")
@@ -38,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-tensor override, PATTERN a regex on the llmpack or checkpoint tensor name, "
                         "BITS 8/4/3/2 or f16/f32 (repeatable; e.g. --keep head=8 --keep 'mlp.down=4')")
     q.add_argument("--target-bpw", type=_float, metavar="X",
-                   help="pick per-tensor bits from measured sensitivity for an average of X bits per weight "
-                        "(scales and zero points counted)")
+                   help="pick per-tensor bits (2/3/4/8) from measured sensitivity for an average of X bits per "
+                        "weight over the weight matrices (scales and zero points counted); needs torch once "
+                        "for a gradient pass")
     c = p.add_argument_group("calibration (gptq, awq, --target-bpw)")
     c.add_argument("--calib", metavar="FILE", help="calibration text file (default: the shipped text)")
     c.add_argument("--calib-samples", type=_int, default=16, help="calibration windows (default 16)")

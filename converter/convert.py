@@ -154,7 +154,7 @@ def convert(src, out, dtype: str = "f16", group_size: int | None = None, quiet: 
     _check_complete(model, fam, {c for _, c, _ in plan})
 
     shapes, hf_of = _canonical_shapes(ckpt, plan)
-    types = plan_types(opts, shapes, hf_of, dtype) if opts.quantized else {}
+    types = plan_types(opts, shapes, hf_of, dtype) if (opts.quantized or opts.keep) else {}
     if opts.target_bpw is not None:
         from .quantize import sensitivity
 

@@ -403,7 +403,8 @@ def test_ctrl_c_stops_the_reply_and_returns_to_the_prompt(tmp_path):
     pexpect = pytest.importorskip("pexpect")
     # long context and stop tokens that greedy decoding never picks: the reply runs for seconds
     _, pack = _chat_pack(tmp_path, family="llama", silence_stop=True, max_position_embeddings=4096)
-    child = pexpect.spawn(sys.executable, ["-m", "llmpack", "chat", str(pack), "-n", "4000", "--temperature", "0"],
+    child = pexpect.spawn(sys.executable, ["-m", "llmpack", "chat", str(pack), "-n", "4000", "--temperature", "0",
+                                             "--backend", "numpy"],
                           env=ENV, encoding="utf-8", timeout=30, dimensions=(40, 200))
     try:
         child.expect_exact(">>> ")

@@ -151,3 +151,48 @@ def test_onnxruntime_genai_generates_the_same(family, dtype, exported):
     eos = eos if isinstance(eos, list) else [eos]
     assert got and got == want[:len(got)]
     assert len(got) == 32 or got[-1] in eos  # genai stops early only on an end-of-sequence id
+
+
+def test_pruned_export_runs_with_bare_onnxruntime(exported, tmp_path):
+    """Layers with their own head counts export too (onnxruntime-genai cannot size such a cache,
+    so genai_config says so; bare onnxruntime runs it)."""
+    from llmpack.runtime.cmd_export_onnx import export_onnx
+    from pack_edit import prune
+
+    pack, _, _ = exported("qwen2", "q4a")
+    pruned = prune(pack.parent / "qwen2-f32.llmpack", tmp_path / "pruned.llmpack",
+                   {1: {"q": [2, 3], "kv": [1], "ffn": list(range(40))}})
+    export_onnx(pruned, tmp_path / "onnx", accuracy_level=0)
+    assert "llmpack_note" in json.loads((tmp_path / "onnx" / "genai_config.json").read_text())["model"]["decoder"]
+    want = numpy_model(pruned).logits(PROMPT)
+    dec = BareDecoder(tmp_path / "onnx", capacity=48)
+    got = np.concatenate([dec(PROMPT[:10])] + [dec([t]) for t in PROMPT[10:]])
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.slow
+def test_real_qwen_export_generates_like_the_backend(tmp_path):
+    """Real Qwen2.5-Coder-0.5B q8, default accuracy level: onnxruntime-genai on the exported
+    folder produces the llmpack onnxruntime backend's greedy tokens (same graph, same kernels)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from real_models import real_pack
+
+    from llmpack.runtime import load
+    from llmpack.runtime.cmd_export_onnx import export_onnx
+
+    pack = real_pack("qwen2.5-coder-0.5b-instruct", "q8")
+    export_onnx(pack, tmp_path / "onnx")
+    model = load(pack)
+    ids = model.tokenizer.encode("def quicksort(arr):")
+    want = list(model.generate_ids(ids, max_new_tokens=32, temperature=0, stop=False))
+    del model
+    gm = og.Model(str(tmp_path / "onnx"))
+    params = og.GeneratorParams(gm)
+    params.set_search_options(max_length=len(ids) + 32, min_length=len(ids) + 32, do_sample=False)
+    gen = og.Generator(gm, params)
+    gen.append_tokens(ids)
+    got = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    assert got == want

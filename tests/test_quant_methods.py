@@ -333,9 +333,10 @@ def _eval_text(tmp_dir: Path):
     return txt
 
 
-# Measured on the off-grid Qwen2.5-Coder-0.5B-Instruct (see docs/quantization.md): q4 g32 GPTQ
-# with 4 x 512 calibration tokens, 8 windows x 256 tokens of the GNU Coding Standards.
-REAL_Q4_GPTQ_KLD_MAX = 0.06
+# Measured on the off-grid Qwen2.5-Coder-0.5B-Instruct: q4 g32 GPTQ with 8 x 512 calibration
+# tokens, 8 windows x 256 tokens of the GNU Coding Standards -> KLD 0.0517, top-1 89.95 %
+# (see docs/quantization.md). Threshold: that plus ~35 %.
+REAL_Q4_GPTQ_KLD_MAX = 0.07
 
 
 @pytest.mark.slow
@@ -347,7 +348,7 @@ def test_real_qwen05_q4_gptq_kld(tmp_path):
     if text is None:
         pytest.skip("evaluation text (Debian gnu-standards) unavailable")
     out = tmp_path / "q4.llmpack"
-    h = convert(src, out, bits=4, method="gptq", quiet=True, calib_samples=4, calib_seqlen=512,
+    h = convert(src, out, bits=4, method="gptq", quiet=True, calib_samples=8, calib_seqlen=512,
                 eval_text=text, eval_windows=8, eval_ctx=256)
     q = h["quality"][0]
     print(json.dumps(q))

@@ -65,8 +65,9 @@ def _worker_transformers(path, ids, new_tokens, threads):
 def _worker_llmpack(path, ids, new_tokens, threads, backend="numpy"):
     from llmpack.runtime import load
 
+    options = json.loads(os.environ.get("LLMPACK_BENCH_OPTIONS") or "{}")  # --pack ...:BACKEND,key=value
     t0 = time.perf_counter()
-    model = load(path, backend=backend, threads=threads, verify=False)
+    model = load(path, backend=backend, threads=options.pop("threads", threads), verify=False, **options)
     load_s = time.perf_counter() - t0
     gen = model.generate_ids(ids, max_new_tokens=new_tokens, temperature=0, stop=False)
     t0 = time.perf_counter()
@@ -282,9 +283,9 @@ def prompt_ids(pack_or_dir, n) -> list[int]:
     return ids[:n]
 
 
-def run_engine(kind, path, ids_file, new_tokens, threads) -> dict:
+def run_engine(kind, path, ids_file, new_tokens, threads, options=None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads))
+               MKL_NUM_THREADS=str(threads), LLMPACK_BENCH_OPTIONS=json.dumps(options or {}))
     cmd = [sys.executable, __file__, "--worker", kind, path, ids_file, str(new_tokens), str(threads)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
@@ -292,22 +293,33 @@ def run_engine(kind, path, ids_file, new_tokens, threads) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def engines_from_args(args) -> list[tuple[str, str, str]]:
-    """(label, worker kind, path) in run order; transformers first (the baseline)."""
-    engines = [("transformers fp32", "transformers", args.hf)]
+def _option_value(v: str):
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def engines_from_args(args) -> list[tuple[str, str, str, dict]]:
+    """(label, worker kind, path, load options) in run order; transformers first (the baseline)."""
+    engines = [("transformers fp32", "transformers", args.hf, {})]
     for spec in args.pack:
         label, _, rest = spec.partition("=")
         path, _, backend = rest.partition(":")
-        kind = f"llmpack-{backend or 'onnxruntime'}"
+        backend, *opts = (backend or "onnxruntime").split(",")
+        options = {k: _option_value(v) for k, _, v in (o.partition("=") for o in opts)}
+        kind = f"llmpack-{backend}"
         if kind not in WORKERS:
             raise SystemExit(f"unknown backend in {spec}; known: numpy, onnxruntime")
-        engines.append((f"llmpack {backend or 'onnxruntime'} {label}", kind, path))
+        engines.append((f"llmpack {backend} {label}", kind, path, options))
     for spec in args.gguf:
         label, _, path = spec.partition("=")
-        engines.append((f"llama.cpp {label}", "llama.cpp", path))
+        engines.append((f"llama.cpp {label}", "llama.cpp", path, {}))
     for spec in args.genai:
         label, _, path = spec.partition("=")
-        engines.append((f"onnxruntime-genai {label}", "onnxruntime-genai", path))
+        engines.append((f"onnxruntime-genai {label}", "onnxruntime-genai", path, {}))
     return engines
 
 
@@ -321,8 +333,9 @@ def main():
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf", required=True, help="transformers checkpoint folder (the baseline)")
-    ap.add_argument("--pack", action="append", default=[], metavar="LABEL=FILE[:BACKEND]",
-                    help="an llmpack file to measure, BACKEND onnxruntime (default) or numpy (repeatable)")
+    ap.add_argument("--pack", action="append", default=[], metavar="LABEL=FILE[:BACKEND[,KEY=VALUE...]]",
+                    help="an llmpack file to measure, BACKEND onnxruntime (default) or numpy, then load() options, "
+                         "e.g. q4-acc0=q4.llmpack:onnxruntime,accuracy_level=0 (repeatable; labels must differ)")
     ap.add_argument("--gguf", action="append", default=[], metavar="LABEL=FILE",
                     help="a GGUF file to measure with llama.cpp (llama-cpp-python; repeatable)")
     ap.add_argument("--genai", action="append", default=[], metavar="LABEL=DIR",
@@ -347,11 +360,11 @@ def main():
     ids_file = f"/tmp/llmpack_bench_ids_{os.getpid()}.json"
     json.dump(ids, open(ids_file, "w"))
 
-    results = {label: [] for label, _, _ in engines}
+    results = {label: [] for label, _, _, _ in engines}
     try:
         for r in range(args.rounds):
-            for label, kind, path in engines:  # alternate engines within each round
-                res = run_engine(kind, path, ids_file, args.new_tokens, args.threads)
+            for label, kind, path, options in engines:  # alternate engines within each round
+                res = run_engine(kind, path, ids_file, args.new_tokens, args.threads, options)
                 results[label].append(res)
                 print(f"round {r + 1} {label}: {json.dumps({k: round(v, 2) for k, v in res.items()})}", flush=True)
     finally:
@@ -360,7 +373,7 @@ def main():
     best = {label: {"load_s": min(x["load_s"] for x in rs), "prefill_tps": max(x["prefill_tps"] for x in rs),
                     "decode_tps": max(x["decode_tps"] for x in rs), "rss_mb": max(x["rss_mb"] for x in rs)}
             for label, rs in results.items()}
-    for label, kind, path in engines:
+    for label, kind, path, _ in engines:
         b = best[label]
         b["file_mb"] = file_bytes(kind, path) / 1e6
         w = weight_bytes_per_token(kind, path, args.hf)
@@ -462,14 +475,22 @@ def prepare(argv):
     genai = out / "genai-int4"
     try:
         if not (genai / "genai_config.json").exists():
-            _run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", genai,
-                  "-p", "int4", "-e", "cpu", "-c", out / "genai-cache"])
+            with open(out / "genai-build.log", "w") as log:  # the builder logs every tensor
+                _run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", genai,
+                      "-p", "int4", "-e", "cpu", "-c", out / "genai-cache"], stdout=log, stderr=log)
         cmd += ["--genai", f"int4={genai}"]
     except Exception as e:  # noqa: BLE001
         print(f"note: no onnxruntime-genai int4 model ({e.__class__.__name__}: {e})")
     line = " ".join(str(c) for c in cmd)
     (out / "run.sh").write_text("#!/bin/sh\n# run on an idle machine\n" + line + ' "$@"\n')
-    print(f"\nready; on an idle machine run:\n  sh {out / 'run.sh'}")
+    q = out / "q4.llmpack" if (out / "q4.llmpack").exists() else out / "q8.llmpack"
+    tune = [sys.executable, Path(__file__).resolve(), "--hf", hf, "--pack", f"default={q}"]
+    for label, opts in (("acc0", "accuracy_level=0"), ("nofuse", "fuse=false"), ("nospin", "spinning=false"),
+                        ("1thread", "threads=1"), ("saved", f"cache_dir={out / 'ort-cache'}")):
+        tune += ["--pack", f"{label}={q}:onnxruntime,{opts}"]
+    (out / "tune.sh").write_text("#!/bin/sh\n# the onnxruntime backend's options, on an idle machine\n"
+                                 + " ".join(str(c) for c in tune) + ' "$@"\n')
+    print(f"\nready; on an idle machine run:\n  sh {out / 'run.sh'}\n  sh {out / 'tune.sh'}  (backend options)")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,10 @@ LLMPACK_CONFIGS = {
     "q2-gptq": ["--bits", "2", "--method", "gptq"],
     "bpw3.5-gptq": ["--target-bpw", "3.5", "--method", "gptq"],
     "bpw2.5-gptq": ["--target-bpw", "2.5", "--method", "gptq"],
+    # sized to sit at or under llama.cpp's files on Qwen 0.5B (see docs/quantization.md)
+    "bpw6-gptq": ["--target-bpw", "6.0", "--method", "gptq"],
+    "bpw5-gptq": ["--target-bpw", "5.0", "--method", "gptq"],
+    "bpw4-gptq": ["--target-bpw", "4.0", "--method", "gptq"],
 }
 LLAMACPP_TYPES = ("Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K")
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -141,9 +145,14 @@ def bench_llmpack(name, extra, args, ref, windows, base) -> dict:
     from llmpack.runtime import load
 
     out = Path(args.out) / f"{name}.llmpack"
-    cmd = [sys.executable, "-m", "llmpack", "convert", str(args.model), "-o", str(out), "-q",
-           "--calib-samples", str(args.calib_samples)] + extra
-    secs, rss, _ = run_measured(cmd)
+    side = out.with_suffix(".convert.json")
+    if not (out.is_file() and side.is_file()):  # a finished conversion is reused (resumable benchmark)
+        cmd = [sys.executable, "-m", "llmpack", "convert", str(args.model), "-o", str(out), "-q",
+               "--calib-samples", str(args.calib_samples)] + extra
+        secs, rss, _ = run_measured(cmd)
+        side.write_text(json.dumps({"seconds": secs, "peak_rss": rss, "cmd": cmd}))
+    conv = json.loads(side.read_text())
+    secs, rss = conv["seconds"], conv["peak_rss"]
     model = load(out, backend="numpy")
     r = score(ref, windows, model.logits)
     opts = model.header["provenance"]["options"]
@@ -236,12 +245,16 @@ def bench_llamacpp(qtype, args, ref, windows, base, f16_gguf, f16_secs, imatrix)
 
 
 # -- report ---------------------------------------------------------------------------------
+def _gb(n):
+    return "n/a" if not n else f"{n / 2**30:.2f}"
+
+
 def table(rows) -> str:
     head = ("| model | file MB | bits/weight | size / bf16 | KLD | top-1 % | PPL ratio | convert s | peak RSS GB |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     lines = [f"| {r['name']} | {r['file_bytes'] / 1e6:.1f} | {r['bpw']:.2f} | {r['size_ratio']:.3f} | "
              f"{r['kld']:.4f} | {100 * r['top1']:.2f} | {r['ppl_ratio']:.4f} | {r['convert_s']:.0f} | "
-             f"{r['peak_rss'] / 2**30:.2f} |" for r in sorted(rows, key=lambda r: r["file_bytes"])]
+             f"{_gb(r['peak_rss'])} |" for r in sorted(rows, key=lambda r: r["file_bytes"])]
     return head + "\n".join(lines) + "\n"
 
 
