@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from llmpack.formats import quant
 from llmpack.formats.errors import LlmpackError
 from llmpack.formats.writer import PackWriter
 from llmpack.runtime.progress import Progress
@@ -213,18 +212,15 @@ def convert(src, out, dtype: str = "f16", group_size: int | None = None, quiet: 
             progress.done()
         w.add_blob(tok_blob_name, tok_blob)
         header["provenance"]["seconds"] = round(time.time() - t0, 2)
-        amend = None
-        if eval_src is not None:
-            def amend(tmp_path):
-                from llmpack.runtime.quality import evaluate_files
 
-                report = evaluate_files(tmp_path, src, eval_src, windows=eval_windows, ctx=eval_ctx,
-                                        quiet=quiet)
-                report.update(reference="source", method=opts.method if opts.quantized else None,
-                              bits=opts.bits, group_size=options["group_size"],
-                              bits_per_weight=options.get("bits_per_weight"))
-                return {"quality": [report]}
-        w.finish(header, amend=amend)
+        def amend(tmp_path):
+            from llmpack.runtime.quality import evaluate_files
+
+            report = evaluate_files(tmp_path, src, eval_src, windows=eval_windows, ctx=eval_ctx, quiet=quiet)
+            report.update(reference="source", method=opts.method if opts.quantized else None, bits=opts.bits,
+                          group_size=options["group_size"], bits_per_weight=options.get("bits_per_weight"))
+            return {"quality": [report]}
+        w.finish(header, amend=amend if eval_src is not None else None)
     if not quiet:
         print(f"convert: wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s",
               file=sys.stderr)

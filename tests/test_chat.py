@@ -143,7 +143,9 @@ def test_template_parity_with_transformers(name, tmp_path):
 def test_real_template_parity(name):
     from llmpack.runtime import chat_template
 
-    folder = REAL[name]
+    from real_models import real_model
+
+    folder = real_model(REAL[name])
     cfg = folder / "tokenizer_config.json"
     if cfg.is_file() and not (folder / "chat_template.jinja").is_file() and "chat_template" not in cfg.read_text():
         pytest.skip(f"{folder} has no chat template")

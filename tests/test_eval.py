@@ -1,7 +1,6 @@
 """`llmpack eval` and `convert --eval-text`: figures equal an independent computation."""
 import json
 
-import numpy as np
 import pytest
 
 from tiny_models import make_tiny

@@ -1,7 +1,6 @@
 """Quantization methods on tiny random models of every family: RTN, GPTQ, AWQ, --keep,
 --target-bpw, option errors; plus one real-model check (slow)."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +126,6 @@ def test_q3_q2_q8_run(ckpts, f32_packs, calib_file, tmp_path):
 
 def _layer_input(ckpt_dir, family, stage_wanted, layer=1):
     """Real activations: the input of `stage_wanted` in `layer` on calibration text, and that layer's tensors."""
-    from llmpack.converter.convert import TensorSource, _canonical_shapes  # noqa: F401
     from llmpack.converter.quantize.layers import LayerRunner, embed_tokens
     from llmpack.runtime.tokenizer import Tokenizer
 
@@ -177,7 +175,6 @@ def test_awq_scales_leave_the_function_unchanged(family, f32_packs):
     m = pack.header["model"]
     p = "layers.0."
     t0 = {n[len(p):]: np.array(pack.array(n)) for n in pack.tensors if n.startswith(p)}
-    ids = np.random.default_rng(0).integers(0, 290, (2, 24))
     x = np.random.default_rng(1).standard_normal((2, 24, t0["attn.q.weight"].shape[1])).astype(np.float32)
     from llmpack.converter.quantize.layers import LayerRunner
 
@@ -186,7 +183,7 @@ def test_awq_scales_leave_the_function_unchanged(family, f32_packs):
     t1 = dict(t0)
     opts = QuantOptions(bits=3, method="awq")
     opts.validate()
-    types = {f"{p}{n}": 3 for n in t1 if n.endswith(".weight") and t1[n].ndim == 2}
+    types = {f"{p}{n}": (3, 32) for n in t1 if n.endswith(".weight") and t1[n].ndim == 2}
     r = LayerRunner(m, 0, t1, inv)
     scaled = []
 
@@ -200,7 +197,6 @@ def test_awq_scales_leave_the_function_unchanged(family, f32_packs):
     assert any(not np.allclose(t1[n], t0[n]) for n in t0)
     after = LayerRunner(m, 0, t1, inv).run(x)
     assert np.allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
-    del ids
 
 
 def test_awq_gptq_converts_and_keeps_quality(ckpts, f32_packs, calib_file, tmp_path):
@@ -302,14 +298,10 @@ def test_gptq_is_deterministic(ckpts, calib_file, tmp_path):
 
 # -- the real model -------------------------------------------------------------------------
 def _real_offgrid():
-    """The off-grid Qwen2.5-Coder-0.5B-Instruct folder if one is present (never fetched here)."""
-    from real_models import cache_dir
+    """The off-grid Qwen2.5-Coder-0.5B-Instruct folder (tools/get_model.py --off-grid; cached)."""
+    from real_models import real_model
 
-    for cand in (os.environ.get("LLMPACK_QWEN_OFFGRID"), "/tmp/models/qwen05-offgrid",
-                 cache_dir() / "models" / "qwen2.5-coder-0.5b-instruct-offgrid"):
-        if cand and (Path(cand) / "config.json").is_file() and list(Path(cand).glob("*.safetensors")):
-            return Path(cand)
-    return None
+    return real_model("qwen2.5-coder-0.5b-instruct", off_grid=True)
 
 
 def _eval_text(tmp_dir: Path):
@@ -342,8 +334,6 @@ REAL_Q4_GPTQ_KLD_MAX = 0.07
 @pytest.mark.slow
 def test_real_qwen05_q4_gptq_kld(tmp_path):
     src = _real_offgrid()
-    if src is None:
-        pytest.skip("off-grid Qwen 0.5B folder absent (tools/get_model.py qwen2.5-coder-0.5b-instruct DIR --off-grid)")
     text = _eval_text(tmp_path)
     if text is None:
         pytest.skip("evaluation text (Debian gnu-standards) unavailable")

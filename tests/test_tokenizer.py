@@ -6,7 +6,7 @@
   byte_fallback, wrapped by transformers as LlamaTokenizer (prefix "▁" on the first chunk), as
   LlamaTokenizer(legacy=True) (on every chunk), as GemmaTokenizer (no dummy prefix) and as the
   generic TokenizersBackend (sentencepiece's own rules);
-* the real Qwen2.5 / Gemma-3 tokenizers when /tmp/models holds them (slow).
+* the real Qwen2.5 / Gemma-3 tokenizers, fetched by tools/get_model.py (slow).
 
 Also: StreamDecoder never emits half a UTF-8 character and its pieces add up to the full decode.
 """
@@ -44,7 +44,7 @@ STRINGS = [
 ]
 SP_TEXT = ["the quick brown fox jumps over the lazy dog", "hello world, this is a tiny model",
            "def main():\n    return 42", "日本語 テキスト 中文 你好世界", "emoji 😀 fun", "User: hi there\nAssistant: hello!"]
-REAL = {"qwen05": Path("/tmp/models/qwen05"), "gemma270m": Path("/tmp/models/gemma270m")}
+REAL = {"qwen05": "qwen2.5-coder-0.5b-instruct", "gemma270m": "gemma-3-270m"}  # tools/get_model.py names
 
 
 class Folder:
@@ -232,9 +232,9 @@ def test_stream_decoder_incomplete_tail_is_flushed(tmp_path):
 @functools.lru_cache(maxsize=None)
 def real_tokenizers(name):
     """(runtime tokenizer, header section, transformers tokenizer) of a real model folder, loaded once."""
-    folder = REAL[name]
-    if not (folder / "config.json").is_file():
-        pytest.skip(f"{folder} is not there (tools/get_model.py makes it)")
+    from real_models import real_model
+
+    folder = real_model(REAL[name])
     return (*runtime_tokenizer(folder), hf_tokenizer(folder))
 
 

@@ -23,13 +23,11 @@ and DIR/quality.png (KLD against file size, matplotlib).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gzip
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -240,7 +238,7 @@ def bench_llamacpp(qtype, args, ref, windows, base, f16_gguf, f16_secs, imatrix)
     r = score(ref, windows, logits)
     r.update(base(out), name=f"llama.cpp {qtype}" + (" imatrix" if imatrix else ""), tool="llama.cpp",
              convert_s=round(secs + f16_secs, 1), peak_rss=rss, weight_bpw=None)
-    del llm
+    llm.close()
     return r
 
 
@@ -336,11 +334,13 @@ def main(argv=None):
     if qtypes:
         src = llamacpp_src(args)
         f16 = out / "f16.gguf"
-        f16_secs = 0.0
-        if not f16.is_file():
+        f16_side = out / "f16.convert.json"
+        if not (f16.is_file() and f16_side.is_file()):
             env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
-            f16_secs, _, _ = run_measured([sys.executable, str(src / "convert_hf_to_gguf.py"), str(args.model),
-                                           "--outtype", "f16", "--outfile", str(f16)], env=env)
+            secs, _, _ = run_measured([sys.executable, str(src / "convert_hf_to_gguf.py"), str(args.model),
+                                       "--outtype", "f16", "--outfile", str(f16)], env=env)
+            f16_side.write_text(json.dumps({"seconds": secs}))
+        f16_secs = json.loads(f16_side.read_text())["seconds"]  # every type's time includes HF -> F16
         imatrix = None
         if not args.no_imatrix:
             imatrix = out / "imatrix.npz"

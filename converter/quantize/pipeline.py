@@ -115,7 +115,6 @@ def run(writer, source, model: dict, inv_freq: dict, types: dict, opts, ids: np.
             else:
                 store(writer, name, t[short], types, opts, float_dtype)
         progress.step(f"layer {i}")
-        del t, arrs, runner
 
     post = source.load(source.post)
     if "head.weight" in post and is_quantized(types.get("head.weight")):
