@@ -44,6 +44,8 @@ LLMPACK_CONFIGS = {
     "bpw3.5-gptq": ["--target-bpw", "3.5", "--method", "gptq"],
     "bpw2.5-gptq": ["--target-bpw", "2.5", "--method", "gptq"],
     # sized to sit at or under llama.cpp's files on Qwen 0.5B (see docs/quantization.md)
+    "q4-gptq-head8": ["--bits", "4", "--method", "gptq", "--keep", "head=8"],
+    "q4-gptq-embed8": ["--bits", "4", "--method", "gptq", "--keep", "embed=8"],
     "bpw6-gptq": ["--target-bpw", "6.0", "--method", "gptq"],
     "bpw5-gptq": ["--target-bpw", "5.0", "--method", "gptq"],
     "bpw4-gptq": ["--target-bpw", "4.0", "--method", "gptq"],
