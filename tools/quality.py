@@ -265,7 +265,8 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for tool, style in (("llmpack", "o-"), ("llama.cpp", "s--")):
+    # markers only: a line between measured points would suggest sizes nobody measured
+    for tool, style in (("llmpack", "o"), ("llama.cpp", "s")):
         pts = sorted((r["file_bytes"] / 1e6, r["kld"], r["name"]) for r in rows if r["tool"] == tool)
         if not pts:
             continue
