@@ -14,7 +14,7 @@ COMMANDS = {
     "chat": ("llmpack.runtime.cmd_chat", "multi-turn chat with the model's own template"),
     "inspect": ("llmpack.runtime.cmd_inspect", "show a file's header, tensors and quality report"),
     "export-onnx": ("llmpack.runtime.cmd_export_onnx", "write model.onnx + genai_config.json for onnxruntime(-genai)"),
-    "eval": ("llmpack.runtime.cmd_eval", "KL divergence, top-1 and perplexity of a file against a reference"),
+    "eval": ("llmpack.cmd_eval", "KL divergence, top-1 and perplexity of a file against a reference"),
 }
 
 

@@ -216,7 +216,9 @@ def convert(src, out, dtype: str = "f16", group_size: int | None = None, quiet: 
         def amend(tmp_path):
             from llmpack.runtime.quality import evaluate_files
 
-            report = evaluate_files(tmp_path, src, eval_src, windows=eval_windows, ctx=eval_ctx, quiet=quiet)
+            from .reference import hf_logits_fn
+
+            report = evaluate_files(tmp_path, hf_logits_fn(src, quiet), eval_src, windows=eval_windows, ctx=eval_ctx, quiet=quiet)
             report.update(reference="source", method=opts.method if opts.quantized else None, bits=opts.bits,
                           group_size=options["group_size"], bits_per_weight=options.get("bits_per_weight"))
             return {"quality": [report]}

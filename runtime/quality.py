@@ -9,8 +9,9 @@ except the last predicts the next token of that window. Over all those positions
     PPL    exp(mean negative log-likelihood of the actual next token), for each model
 
 All in float64 from each model's float32 logits. .llmpack files run on the numpy reference
-backend by default (exact dequantization, the format's ground truth). Torch-free when the reference is a .llmpack;
-a transformers folder as reference imports torch lazily.
+backend by default (exact dequantization, the format's ground truth). Torch-free: the reference
+is another .llmpack or a callable; the transformers-folder reference lives in
+llmpack.converter.reference (it imports torch).
 """
 from __future__ import annotations
 
@@ -96,31 +97,15 @@ class Accumulator:
                 "ppl": ppl, "ppl_ref": ppl_ref, "ppl_ratio": ppl / ppl_ref, "positions": self.n}
 
 
-def hf_logits_fn(folder, quiet: bool = False):
-    """Full-sequence logits of a transformers checkpoint folder (float32, torch imported here)."""
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise LlmpackError("a transformers folder as reference needs torch and transformers: "
-                           "pip install 'llmpack[convert]', or pass an f32 .llmpack as reference")
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-
-    def fn(ids):
-        with torch.no_grad():
-            return model(torch.as_tensor(np.asarray(ids)[None])).logits[0].float().numpy()
-
-    return fn
-
-
 def reference_fn(reference, backend: str = "numpy", quiet: bool = False):
+    """`reference`: a callable ids -> logits (T, V) (e.g. llmpack.converter.reference for a
+    transformers folder: torch stays out of the runtime), or a .llmpack path."""
+    if callable(reference):
+        return reference
     p = Path(reference)
     if p.is_dir():
-        return hf_logits_fn(p, quiet)
+        raise LlmpackError(f"reference {reference} is a folder: `llmpack eval` runs a transformers folder "
+                           "(with llmpack[convert] installed); here pass an f32 .llmpack")
     if not p.is_file():
         raise LlmpackError(f"reference {reference} does not exist (give a .llmpack file or a transformers folder)")
     from .model import load

@@ -1,8 +1,14 @@
-"""llmpack eval FILE --reference REF --text TEXT — how far FILE's next-token predictions are from REF's."""
+"""llmpack eval FILE --reference REF --text TEXT — how far FILE's next-token predictions are from REF's.
+
+Part of the CLI glue rather than runtime/: a transformers folder as REF needs the converter side
+(torch), while a .llmpack REF needs only the runtime."""
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from llmpack.formats.errors import LlmpackError
 
 EXAMPLE = """examples:
   llmpack eval qwen05-q4.llmpack --reference qwen05-f32.llmpack --text standards.txt
@@ -27,9 +33,20 @@ def main(argv) -> int:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     args = p.parse_args(argv)
-    from .quality import evaluate_files
+    from llmpack.runtime.quality import evaluate_files
 
-    r = evaluate_files(args.file, args.reference, args.text, windows=args.windows, ctx=args.ctx, quiet=args.quiet,
+    reference = args.reference
+    if Path(reference).is_dir():
+        try:
+            from llmpack.converter.reference import hf_logits_fn
+        except ImportError:
+            raise LlmpackError("a transformers folder as reference needs llmpack's converter side: "
+                               "pip install 'llmpack[convert]', or pass an f32 .llmpack as reference")
+        if not (Path(reference) / "config.json").is_file():
+            raise LlmpackError(f"reference {reference} has no config.json (give a transformers checkpoint "
+                               "folder or a .llmpack file)")
+        reference = hf_logits_fn(reference, args.quiet)
+    r = evaluate_files(args.file, reference, args.text, windows=args.windows, ctx=args.ctx, quiet=args.quiet,
                        backend=args.backend)
     if args.json:
         print(json.dumps(r))
