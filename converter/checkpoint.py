@@ -105,7 +105,9 @@ class Checkpoint:
         return data
 
     def sha256_files(self) -> dict[str, str]:
-        """Hashes of every source file, recorded as provenance."""
+        """Hashes of every source file, recorded as provenance (computed once per Checkpoint)."""
+        if getattr(self, "_sha256", None) is not None:
+            return dict(self._sha256)
         out = {}
         for p in sorted(self.dir.iterdir()):
             if p.is_file():
@@ -114,4 +116,5 @@ class Checkpoint:
                     for chunk in iter(lambda: fh.read(1 << 22), b""):
                         h.update(chunk)
                 out[p.name] = h.hexdigest()
-        return out
+        self._sha256 = out
+        return dict(out)

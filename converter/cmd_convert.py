@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pick per-tensor bits (2/3/4/8) from measured sensitivity for an average of X bits per "
                         "weight over the weight matrices (scales and zero points counted); needs torch once "
                         "for a gradient pass")
+    q.add_argument("--sensitivity", metavar="FILE",
+                   help="--target-bpw: keep the measured per-tensor sensitivity in FILE and reuse it when "
+                        "FILE matches this checkpoint, calibration and options (another target then skips "
+                        "the measurement, like llama.cpp's --imatrix)")
     c = p.add_argument_group("calibration (gptq, awq, --target-bpw)")
     c.add_argument("--calib", metavar="FILE", help="calibration text file (default: the shipped text)")
     c.add_argument("--calib-samples", type=_int, default=16, help="calibration windows (default 16)")
@@ -86,5 +90,6 @@ def main(argv) -> int:
             bits=args.bits, method=args.method, keep=args.keep, target_bpw=args.target_bpw, calib=args.calib,
             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
             symmetric=args.symmetric, act_order=not args.no_act_order, damp=args.damp,
-            eval_text=args.eval_text, eval_windows=args.eval_windows, eval_ctx=args.eval_ctx)
+            eval_text=args.eval_text, eval_windows=args.eval_windows, eval_ctx=args.eval_ctx,
+            sensitivity_file=args.sensitivity)
     return 0

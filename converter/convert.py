@@ -101,13 +101,13 @@ def convert(src, out, dtype: str = "f16", group_size: int | None = None, quiet: 
             bits: int | None = None, method: str = "rtn", keep=(), target_bpw: float | None = None,
             calib=None, calib_samples: int = 16, calib_seqlen: int = 512, seed: int = 0,
             symmetric: bool | None = None, act_order: bool = True, damp: float = 0.01,
-            eval_text=None, eval_windows: int = 16, eval_ctx: int = 512) -> dict:
+            eval_text=None, eval_windows: int = 16, eval_ctx: int = 512, sensitivity_file=None) -> dict:
     """Convert; returns the written header. Raises LlmpackError on bad input (nothing written).
 
     Plain: dtype f32/f16/bf16 (q8 = bits 8, RTN). Quantized: `bits` (8/4/3/2) for every weight
     matrix (embedding and head row-wise), `method` rtn / gptq / awq (AWQ scales + RTN) /
     awq+gptq, `keep` ["PATTERN=BITS", ...] per-tensor overrides, `target_bpw` picks per-tensor
-    bits from measured sensitivity. `eval_text` (a file) measures the result against the
+    bits from measured sensitivity (kept in / reused from `sensitivity_file` if given). `eval_text` (a file) measures the result against the
     source and stores the report in the header's "quality" list.
     """
     if dtype not in DTYPES:
@@ -122,6 +122,11 @@ def convert(src, out, dtype: str = "f16", group_size: int | None = None, quiet: 
                         calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
                         act_order=act_order, damp=damp)
     opts.validate()
+    if sensitivity_file is not None:
+        if target_bpw is None:
+            raise LlmpackError("--sensitivity only applies with --target-bpw; add --target-bpw X or drop it")
+        if not Path(sensitivity_file).parent.is_dir():
+            raise LlmpackError(f"--sensitivity {sensitivity_file}: no such folder {Path(sensitivity_file).parent}")
     if opts.calibrated:
         calib_mod.check_file(calib)
     eval_src = None
@@ -174,7 +179,8 @@ def convert(src, out, dtype: str = "f16", group_size: int | None = None, quiet: 
     if opts.target_bpw is not None:
         from .quantize import sensitivity
 
-        allocation = sensitivity.allocate(ckpt, fam, source, model, shapes, types, hf_of, opts, ids, quiet=quiet)
+        allocation = sensitivity.allocate(ckpt, fam, source, model, shapes, types, hf_of, opts, ids, quiet=quiet,
+                                          cache=sensitivity_file, calib_info=calib_info)
         types.update(allocation["types"])
 
     options = {"dtype": dtype, "group_size": opts.group_size if opts.quantized else None}

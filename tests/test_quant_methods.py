@@ -237,6 +237,35 @@ def test_target_bpw_mixes_precisions_within_budget(ckpts, f32_packs, calib_file,
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), alloc["tensors_per_type"]
 
 
+def test_sensitivity_file_is_reused_for_another_target(ckpts, calib_file, tmp_path):
+    """--sensitivity FILE: the first conversion measures and writes it; a second target reads it
+    (no second measurement) and allocates exactly as a fresh measurement would."""
+    from llmpack.converter.quantize import sensitivity
+
+    sens = tmp_path / "sens.json"
+    kw = dict(method="rtn", calib=calib_file, quiet=True, **CALIB)
+    convert(ckpts("qwen2"), tmp_path / "a.llmpack", target_bpw=4.2, sensitivity_file=sens, **kw)
+    assert json.loads(sens.read_text())["damages"]
+    calls = []
+    real = sensitivity.measure
+    sensitivity.measure = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        h_reused = convert(ckpts("qwen2"), tmp_path / "b.llmpack", target_bpw=3.0, sensitivity_file=sens, **kw)
+        assert calls == [] and h_reused["provenance"]["allocation"]["measurement"] == "reused"
+        h_fresh = convert(ckpts("qwen2"), tmp_path / "c.llmpack", target_bpw=3.0, **kw)
+        assert calls == [1]
+        # another calibration (seed) does not match the file: measured again, file rewritten
+        convert(ckpts("qwen2"), tmp_path / "d.llmpack", target_bpw=3.0, sensitivity_file=sens,
+                **dict(kw, seed=1))
+        assert calls == [1, 1]
+    finally:
+        sensitivity.measure = real
+    def types(name):
+        return {t["name"]: (t["type"], t.get("group_size")) for t in Pack(tmp_path / name).header["tensors"]}
+    assert types("b.llmpack") == types("c.llmpack")
+    assert h_reused["provenance"]["allocation"]["bits_per_weight"] == h_fresh["provenance"]["allocation"]["bits_per_weight"]
+
+
 def test_target_bpw_solver_prefers_sensitive_tensors():
     from llmpack.converter.quantize.sensitivity import solve
 
@@ -258,6 +287,7 @@ def _cli(argv, capsys):
 
 @pytest.mark.parametrize("extra, expect", [
     (["--bits", "5"], "--bits 5 is not supported"),
+    (["--bits", "4", "--sensitivity", "s.json"], "--sensitivity only applies with --target-bpw"),
     (["--bits", "4", "--group-size", "128"], "larger than the 64 columns"),
     (["--bits", "4", "--group-size", "48"], "--group-size 48 is not supported"),
     (["--bits", "4", "--method", "gptq", "--calib", "/nonexistent/calib.txt"], "does not exist"),

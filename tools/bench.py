@@ -432,24 +432,26 @@ def prepare(argv):
     ap.add_argument("--hf", required=True, help="transformers checkpoint folder (tools/get_model.py output)")
     ap.add_argument("--out", required=True, help="folder for the files")
     ap.add_argument("--gguf-q4km", help="the Q4_K_M GGUF (default: tools/get_model.py's cached download)")
-    ap.add_argument("--q4-dtype", default="q4", help="llmpack convert --dtype for the q4 pack")
+    ap.add_argument("--q4-args", default="--bits 4 --method gptq --symmetric",
+                    help="llmpack convert options for the q4 pack (default: the best-quality q4 of "
+                         "docs/quantization.md, symmetric so onnxruntime's kernel skips zero points)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     hf = Path(args.hf)
     cmd = [sys.executable, Path(__file__).resolve(), "--hf", hf]
 
-    for label, dtype in (("q4", args.q4_dtype), ("q8", "q8"), ("f16", "f16")):
+    for label, options in (("q4", args.q4_args.split()), ("q8", ["--bits", "8"]), ("f16", ["--dtype", "f16"])):
         pack = out / f"{label}.llmpack"
         if not pack.exists():
             try:
-                _run([sys.executable, "-m", "llmpack", "convert", hf, "-o", pack, "--dtype", dtype])
+                _run([sys.executable, "-m", "llmpack", "convert", hf, "-o", pack] + options)
             except subprocess.CalledProcessError:
-                print(f"note: no {label} pack (llmpack convert --dtype {dtype} failed)")
+                print(f"note: no {label} pack (llmpack convert {' '.join(options)} failed)")
                 continue
         cmd += ["--pack", f"{label}={pack}:onnxruntime"]
-    if (out / "q8.llmpack").exists():
-        cmd += ["--pack", f"q8={out / 'q8.llmpack'}:numpy"]
+    if (out / "q4.llmpack").exists():
+        cmd += ["--pack", f"q4-numpy={out / 'q4.llmpack'}:numpy"]
 
     q4km = Path(args.gguf_q4km) if args.gguf_q4km else None
     src = hf / "llmpack_source.json"  # tools/get_model.py: the GGUF the checkpoint was made from

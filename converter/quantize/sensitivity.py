@@ -21,6 +21,12 @@ upgrades by best damage saved per bit until the budget is spent.
 """
 from __future__ import annotations
 
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
 import numpy as np
 
 from llmpack.formats import quant
@@ -236,12 +242,58 @@ def solve(damages: dict, costs: dict, budget: float) -> dict:
     return choice
 
 
-def allocate(ckpt, fam, source, model_desc, shapes, types, hf_of, opts, ids, quiet=False) -> dict:
-    """--target-bpw: measured damages -> per-tensor bits. Returns {"types": {...}, "summary": {...}}."""
+SENSITIVITY_FORMAT = 1  # version of the --sensitivity file
+
+
+def _cache_key(ckpt, opts, calib_info) -> dict:
+    """What the damages depend on (everything but --target-bpw and --keep)."""
+    return {"format": SENSITIVITY_FORMAT, "source": ckpt.sha256_files(), "calibration": calib_info,
+            "seed": opts.seed, "symmetric": opts.symmetric, "group_size": opts.group_size,
+            "group_explicit": opts.group_explicit, "bits": list(CANDIDATE_BITS), "grid": list(SENS_GRID),
+            "fisher_tokens": FISHER_TOKENS}
+
+
+def _read_cache(path, key, free):
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("key") != key or not set(free) <= set(data.get("damages", {})):
+        return None
+    return {n: {(int(b), int(g)): float(d) for b, g, d in data["damages"][n]} for n in free}
+
+
+def _write_cache(path, key, damages):
+    path = Path(path)
+    body = {"key": key, "damages": {n: [[b, g, d] for (b, g), d in sorted(v.items())] for n, v in damages.items()}}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(body, fh)
+    os.replace(tmp, path)  # never a half-written file
+
+
+def allocate(ckpt, fam, source, model_desc, shapes, types, hf_of, opts, ids, quiet=False,
+             cache=None, calib_info=None) -> dict:
+    """--target-bpw: measured damages -> per-tensor bits. Returns {"types": {...}, "summary": {...}}.
+
+    `cache` (--sensitivity FILE): damages are read from FILE when it was measured for this
+    checkpoint, calibration and options (so another --target-bpw costs no second measurement),
+    else measured and written there."""
     free, fixed = _split(types, opts, hf_of)
     numel = sum(shapes[n][0] * shapes[n][1] for n in types)
     budget = opts.target_bpw * numel - _fixed_bits(fixed, types, shapes, opts)
-    damages = measure(ckpt, fam, source, shapes, free, ids, opts, model_desc, quiet=quiet)
+    key = _cache_key(ckpt, opts, calib_info) if cache is not None else None
+    damages = _read_cache(cache, key, free) if cache is not None else None
+    reused = damages is not None
+    if damages is None:
+        damages = measure(ckpt, fam, source, shapes, free, ids, opts, model_desc, quiet=quiet)
+        if cache is not None:
+            try:
+                _write_cache(cache, key, damages)
+            except OSError as e:
+                raise LlmpackError(f"cannot write --sensitivity {cache}: {e.strerror}")
+    elif not quiet:
+        print(f"sensitivity: reused the measurement in {cache}", file=sys.stderr)
     costs = {n: {c: tensor_bits(c[0], shapes[n], c[1], opts.sym(c[0])) for c in damages[n]} for n in free}
     choice = solve(damages, costs, budget)
     spent = sum(costs[n][c] for n, c in choice.items()) + _fixed_bits(fixed, types, shapes, opts)
@@ -250,5 +302,6 @@ def allocate(ckpt, fam, source, model_desc, shapes, types, hf_of, opts, ids, qui
         counts[f"q{b}g{g}"] = counts.get(f"q{b}g{g}", 0) + 1
     summary = {"target_bpw": opts.target_bpw, "bits_per_weight": round(spent / numel, 4), "tensors_per_type": counts,
                "predicted_kld": round(sum(damages[n][b] for n, b in choice.items()), 6),
-               "method": "fisher-weighted RTN error, Lagrangian + greedy"}
+               "method": "fisher-weighted RTN error, Lagrangian + greedy",
+               "measurement": "reused" if reused else "measured"}
     return {"types": choice, "summary": summary, "damages": damages}
