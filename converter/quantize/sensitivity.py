@@ -14,7 +14,7 @@ The embedding's damage uses the gradient at each calibration position and the er
 very row that position reads. Damages are in nats per token and add up across tensors.
 
 Allocation. Each free tensor (not fixed by --keep) takes b in {2, 3, 4, 8} bits and a group
-size in {32, 64, 128} (or the --group-size given; 8 bits only at the smallest); minimize the sum
+size in {32, 64, 128} (or the --group-size given); minimize the sum
 of damages subject to sum of bits (codes + scales + zero points) <= target * weights, by a
 Lagrangian relaxation (bisect lambda on damage + lambda * bits per tensor), then greedy
 upgrades by best damage saved per bit until the budget is spent.
@@ -44,7 +44,9 @@ SENS_GRID = (1.0, 0.9, 0.8, 0.7)  # a short clip grid is enough to rank tensors
 def candidates(shape, opts) -> list[tuple[int, int]]:
     """(bits, group size) choices for one tensor."""
     groups = (opts.group_size,) if opts.group_explicit else CANDIDATE_GROUPS
-    out = [(b, g) for b in CANDIDATE_BITS for g in groups if g <= shape[1] and (b < 8 or g == min(groups))]
+    # 8 bits at groups of 128 costs 8.125 bits/weight instead of 8.5 at 32 for a negligible error
+    # increase: the cheaper upgrade leaves budget for other tensors
+    out = [(b, g) for b in CANDIDATE_BITS for g in groups if g <= shape[1]]
     return out or [(b, opts.group_size) for b in CANDIDATE_BITS]
 
 
