@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 MODELS="${LLMPACK_MODELS:-models}"
 python -m pip install -q -e '.[convert]'
 python tools/get_model.py qwen2.5-coder-0.5b-instruct "$MODELS/qwen2.5-coder-0.5b-instruct"
-llmpack convert "$MODELS/qwen2.5-coder-0.5b-instruct" -o "$MODELS/qwen2.5-coder-0.5b-instruct-q4.llmpack" --bits 4
+llmpack convert "$MODELS/qwen2.5-coder-0.5b-instruct" -o "$MODELS/qwen2.5-coder-0.5b-instruct-q4.llmpack" --bits 4 --method gptq
 llmpack inspect "$MODELS/qwen2.5-coder-0.5b-instruct-q4.llmpack"
 echo "What is the capital of France?" | llmpack chat "$MODELS/qwen2.5-coder-0.5b-instruct-q4.llmpack"

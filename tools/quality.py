@@ -213,6 +213,40 @@ def imatrix_stats(args) -> dict:
     return {k: (v[0] / v[1]).float().numpy() for k, v in sums.items()}
 
 
+# -- onnxruntime-genai ----------------------------------------------------------------------
+def bench_genai(folder, args, ref, windows, base) -> dict:
+    """An onnxruntime-genai model folder (its builder's output for the same checkpoint), run with
+    bare onnxruntime on the same ids: one full-sequence call per window, empty past."""
+    import onnxruntime as ort
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "genai_config.json").read_text())["model"]
+    dec = cfg["decoder"]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(folder / dec["filename"]), so, providers=["CPUExecutionProvider"])
+    names = {i.name: i for i in sess.get_inputs()}
+    hk, hd = dec["num_key_value_heads"], dec["head_size"]
+
+    def logits(ids):
+        T = len(ids)
+        feed = {"input_ids": np.asarray(ids, np.int64)[None], "attention_mask": np.ones((1, T), np.int64)}
+        if "position_ids" in names:
+            feed["position_ids"] = np.arange(T, dtype=np.int64)[None]
+        for n in names:
+            if n.startswith("past_key_values."):
+                feed[n] = np.zeros((1, hk, 0, hd), np.float32)
+        return sess.run(["logits"], feed)[0][0]
+
+    r = score(ref, windows, logits)
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".onnx", ".data"))
+    b = base(folder / dec["filename"])
+    b.update(file_bytes=size, bpw=b["bpw"] * size / b["file_bytes"], size_ratio=b["size_ratio"] * size / b["file_bytes"])
+    r.update(b, name=f"onnxruntime-genai {folder.name}", tool="onnxruntime-genai", convert_s=None,
+             peak_rss=None, weight_bpw=None)
+    return r
+
+
 def bench_llamacpp(qtype, args, ref, windows, base, f16_gguf, f16_secs, imatrix) -> dict:
     out = Path(args.out) / f"{qtype}.gguf"
     script = (
@@ -253,11 +287,15 @@ def _gb(n):
     return "n/a" if not n else f"{n / 2**30:.2f}"
 
 
+def _secs(s):
+    return "n/a" if s is None or s != s else f"{s:.0f}"
+
+
 def table(rows) -> str:
     head = ("| model | file MB | bits/weight | size / bf16 | KLD | top-1 % | PPL ratio | convert s | peak RSS GB |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     lines = [f"| {r['name']} | {r['file_bytes'] / 1e6:.1f} | {r['bpw']:.2f} | {r['size_ratio']:.3f} | "
-             f"{r['kld']:.4f} | {100 * r['top1']:.2f} | {r['ppl_ratio']:.4f} | {r['convert_s']:.0f} | "
+             f"{r['kld']:.4f} | {100 * r['top1']:.2f} | {r['ppl_ratio']:.4f} | {_secs(r['convert_s'])} | "
              f"{_gb(r['peak_rss'])} |" for r in sorted(rows, key=lambda r: r["file_bytes"])]
     return head + "\n".join(lines) + "\n"
 
@@ -270,7 +308,7 @@ def plot(rows, path):
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     # markers only: a line between measured points would suggest sizes nobody measured
-    for tool, style in (("llmpack", "o"), ("llama.cpp", "s")):
+    for tool, style in (("llmpack", "o"), ("llama.cpp", "s"), ("onnxruntime-genai", "^")):
         pts = sorted((r["file_bytes"] / 1e6, r["kld"], r["name"]) for r in rows if r["tool"] == tool)
         if not pts:
             continue
@@ -298,6 +336,9 @@ def main(argv=None):
     p.add_argument("--llamacpp", default=",".join(LLAMACPP_TYPES), help="llama.cpp types ('' for none)")
     p.add_argument("--llamacpp-src", default="/tmp/llamacpp_src", help="unpacked llama-cpp-python sdist")
     p.add_argument("--no-imatrix", action="store_true", help="quantize llama.cpp without an importance matrix")
+    p.add_argument("--genai", action="append", default=[], metavar="DIR",
+                   help="also score an onnxruntime-genai model folder built from the same checkpoint "
+                        "(python -m onnxruntime_genai.models.builder -i MODEL -o DIR -p int4 -e cpu)")
     p.add_argument("--calib-samples", type=int, default=8, help="calibration windows of 512 tokens (both tools)")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -335,6 +376,12 @@ def main(argv=None):
         if f"llmpack {name}" in done:
             continue
         rows.append(bench_llmpack(name, LLMPACK_CONFIGS[name], args, ref, windows, base))
+        save()
+        print(table(rows[-1:]), flush=True)
+    for folder in args.genai:
+        if f"onnxruntime-genai {Path(folder).name}" in done:
+            continue
+        rows.append(bench_genai(folder, args, ref, windows, base))
         save()
         print(table(rows[-1:]), flush=True)
     qtypes = [q for q in args.llamacpp.split(",") if q]

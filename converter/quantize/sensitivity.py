@@ -268,10 +268,15 @@ def _read_cache(path, key, free):
 def _write_cache(path, key, damages):
     path = Path(path)
     body = {"key": key, "damages": {n: [[b, g, d] for (b, g), d in sorted(v.items())] for n, v in damages.items()}}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(body, fh)
-    os.replace(tmp, path)  # never a half-written file
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(body, fh)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users, unlike the .llmpack
+        os.replace(tmp, path)  # never a half-written file
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def allocate(ckpt, fam, source, model_desc, shapes, types, hf_of, opts, ids, quiet=False,
