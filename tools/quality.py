@@ -48,7 +48,8 @@ LLMPACK_CONFIGS = {
     "q4-gptq-head8": ["--bits", "4", "--method", "gptq", "--keep", "head=8"],
     "q4-gptq-embed8": ["--bits", "4", "--method", "gptq", "--keep", "embed=8"],
     "bpw6-gptq": ["--target-bpw", "6.0", "--method", "gptq"],
-    "bpw6.2-gptq": ["--target-bpw", "6.2", "--method", "gptq"],  # Q4_K_M's size on Qwen 0.5B
+    "bpw6.2-gptq": ["--target-bpw", "6.2", "--method", "gptq"],
+    "bpw6.15-gptq": ["--target-bpw", "6.15", "--method", "gptq"],  # just under Q4_K_M's size on Qwen 0.5B
     "bpw5-gptq": ["--target-bpw", "5.0", "--method", "gptq"],
     "bpw4-gptq": ["--target-bpw", "4.0", "--method", "gptq"],
 }
