@@ -107,8 +107,9 @@ def convert(src, out, dtype: str = "f16", group_size: int | None = None, quiet: 
     Plain: dtype f32/f16/bf16 (q8 = bits 8, RTN). Quantized: `bits` (8/4/3/2) for every weight
     matrix (embedding and head row-wise), `method` rtn / gptq / awq (AWQ scales + RTN) /
     awq+gptq, `keep` ["PATTERN=BITS", ...] per-tensor overrides, `target_bpw` picks per-tensor
-    bits from measured sensitivity (kept in / reused from `sensitivity_file` if given). `eval_text` (a file) measures the result against the
-    source and stores the report in the header's "quality" list.
+    bits from measured sensitivity (kept in / reused from `sensitivity_file` if given).
+    `eval_text` (a file) measures the result against the source and stores the report in the
+    header's "quality" list.
     """
     if dtype not in DTYPES:
         raise LlmpackError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -224,7 +225,8 @@ def convert(src, out, dtype: str = "f16", group_size: int | None = None, quiet: 
 
             from .reference import hf_logits_fn
 
-            report = evaluate_files(tmp_path, hf_logits_fn(src, quiet), eval_src, windows=eval_windows, ctx=eval_ctx, quiet=quiet)
+            report = evaluate_files(tmp_path, hf_logits_fn(src, quiet), eval_src, windows=eval_windows,
+                                    ctx=eval_ctx, quiet=quiet)
             report.update(reference="source", method=opts.method if opts.quantized else None, bits=opts.bits,
                           group_size=options["group_size"], bits_per_weight=options.get("bits_per_weight"))
             return {"quality": [report]}
