@@ -37,11 +37,8 @@ def main(argv) -> int:
 
     reference = args.reference
     if Path(reference).is_dir():
-        try:
-            from llmpack.converter.reference import hf_logits_fn
-        except ImportError:
-            raise LlmpackError("a transformers folder as reference needs llmpack's converter side: "
-                               "pip install 'llmpack[convert]', or pass an f32 .llmpack as reference")
+        from llmpack.converter.reference import hf_logits_fn  # torch only inside, with its own error
+
         if not (Path(reference) / "config.json").is_file():
             raise LlmpackError(f"reference {reference} has no config.json (give a transformers checkpoint "
                                "folder or a .llmpack file)")

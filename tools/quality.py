@@ -241,9 +241,7 @@ def bench_genai(folder, args, ref, windows, base) -> dict:
 
     r = score(ref, windows, logits)
     size = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".onnx", ".data"))
-    b = base(folder / dec["filename"])
-    b.update(file_bytes=size, bpw=b["bpw"] * size / b["file_bytes"], size_ratio=b["size_ratio"] * size / b["file_bytes"])
-    r.update(b, name=f"onnxruntime-genai {folder.name}", tool="onnxruntime-genai", convert_s=None,
+    r.update(base(folder, size), name=f"onnxruntime-genai {folder.name}", tool="onnxruntime-genai", convert_s=None,
              peak_rss=None, weight_bpw=None)
     return r
 
@@ -357,8 +355,9 @@ def main(argv=None):
     ref = Reference(args.model, windows, out)
     params = n_params(args.model)
 
-    def base(path):
-        size = Path(path).stat().st_size
+    def base(path, size=None):
+        """Size columns for a file (or `size` bytes: a model spread over several files)."""
+        size = Path(path).stat().st_size if size is None else size
         return {"file_bytes": size, "bpw": 8 * size / params, "size_ratio": size / (2 * params)}
 
     results_path = out / "quality.json"
