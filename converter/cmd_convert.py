@@ -8,7 +8,7 @@ from llmpack.formats.errors import LlmpackError
 
 EXAMPLE = """examples:
   llmpack convert ./Qwen2.5-Coder-0.5B-Instruct -o qwen05.llmpack --dtype f16
-  llmpack convert ./Qwen2.5-Coder-0.5B-Instruct -o qwen05-q4.llmpack --bits 4 --method gptq
+  llmpack convert ./Qwen2.5-Coder-0.5B-Instruct -o qwen05-q4.llmpack --bits 4 --method gptq --eval
   llmpack convert SRC -o q4.llmpack --bits 4 --method awq+gptq --keep head=8 --eval-text standards.txt
   llmpack convert SRC -o mixed.llmpack --target-bpw 3.5 --method gptq
 
@@ -54,10 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-act-order", action="store_true", help="GPTQ: keep the natural column order")
     c.add_argument("--damp", type=_float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (0.01)")
     e = p.add_argument_group("measurement")
-    e.add_argument("--eval-text", metavar="TEXT", help="measure KLD/top-1/PPL against the source on this text "
-                   "and store the report in the file (needs torch; see `llmpack eval`)")
-    e.add_argument("--eval-windows", type=_int, default=16, help="windows for --eval-text (default 16)")
-    e.add_argument("--eval-ctx", type=_int, default=512, help="tokens per window for --eval-text (default 512)")
+    e.add_argument("--eval", action="store_true",
+                   help="measure KLD/top-1/PPL against the source on the shipped evaluation text (three Python "
+                        "HOWTOs, not the calibration text) and store the report in the file; `inspect` shows it")
+    e.add_argument("--eval-text", metavar="TEXT", help="the same on your own text file (implies --eval)")
+    e.add_argument("--eval-windows", type=_int, default=16, help="windows of the measurement (default 16)")
+    e.add_argument("--eval-ctx", type=_int, default=512, help="tokens per window (default 512)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return p
 
@@ -85,11 +87,14 @@ def main(argv) -> int:
         if importlib.util.find_spec(mod) is None:
             raise LlmpackError(f"convert needs {mod}: pip install 'llmpack[convert]'")
     from .convert import convert
+    from .quantize.calib import default_eval_path
+
+    eval_text = args.eval_text or (default_eval_path() if args.eval else None)
 
     convert(args.src, args.output, dtype=args.dtype, group_size=args.group_size, quiet=args.quiet,
             bits=args.bits, method=args.method, keep=args.keep, target_bpw=args.target_bpw, calib=args.calib,
             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
             symmetric=args.symmetric, act_order=not args.no_act_order, damp=args.damp,
-            eval_text=args.eval_text, eval_windows=args.eval_windows, eval_ctx=args.eval_ctx,
+            eval_text=eval_text, eval_windows=args.eval_windows, eval_ctx=args.eval_ctx,
             sensitivity_file=args.sensitivity)
     return 0

@@ -115,6 +115,24 @@ def test_convert_eval_text_stores_the_report(packs, tmp_path, capsys):
     assert "quality" in shown and '"kld"' in shown
 
 
+def test_convert_eval_uses_the_shipped_evaluation_text(packs, tmp_path, capsys):
+    out = tmp_path / "q4.llmpack"
+    code, _, err = _run(["convert", str(packs / "ckpt"), "-o", str(out), "-q", "--bits", "4", "--eval",
+                         "--eval-windows", "2", "--eval-ctx", "16"], capsys)
+    assert code == 0, err
+    from llmpack.formats import Pack
+
+    q = Pack(out).header["quality"][0]
+    shipped = calib_mod.default_eval_path()
+    assert q["text"] == "evaluation.txt" and q["windows"] == 2
+    import hashlib
+
+    assert q["text_sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    # never the calibration text: no 200-character run of it appears in the evaluation text
+    cal, ev = calib_mod.default_text(), shipped.read_text()
+    assert not any(cal[i:i + 200] in ev for i in range(0, len(cal) - 200, 1000))
+
+
 @pytest.mark.parametrize("args, expect", [
     (["--text", "/nonexistent.txt"], "does not exist"),
     (["--text", "SHORT", "--ctx", "4000"], "fewer than one window"),

@@ -3,7 +3,8 @@
 The default text (data/calibration.txt) is the Python 3.11 tutorial, from the reStructuredText
 sources in Debian's python3.11-doc package (Python Software Foundation License; see
 data/SOURCE.md). It is prose mixed with code, a fit for general and coding models alike.
-Evaluate on a different text (the benchmark uses the GNU Coding Standards), never on this one.
+Evaluate on a different text, never on this one: `convert --eval` uses data/evaluation.txt
+(three Python 3.11 HOWTOs), the benchmark the GNU Coding Standards.
 """
 from __future__ import annotations
 
@@ -16,10 +17,16 @@ import numpy as np
 from llmpack.formats.errors import LlmpackError
 
 DEFAULT_NAME = "calibration.txt"
+EVAL_NAME = "evaluation.txt"  # `convert --eval`: other chapters of the same docs (data/SOURCE.md)
 
 
 def default_text() -> str:
     return resources.files(__package__).joinpath("data", DEFAULT_NAME).read_text(encoding="utf-8")
+
+
+def default_eval_path() -> Path:
+    """The shipped evaluation text (Python 3.11 HOWTOs): never calibrated on."""
+    return Path(str(resources.files(__package__).joinpath("data", EVAL_NAME)))
 
 
 def read_text(path) -> tuple[str, str]:
