@@ -53,7 +53,7 @@ def main(argv) -> int:
     if gen:
         print(f"generation  {json.dumps(gen)}")
     for q in h.get("quality") or []:
-        print(f"quality     {json.dumps(q)}")
+        print(f"quality     {_quality_line(q)}")
     if not h.get("quality"):
         print("quality     (no measurement recorded)")
     if args.tensors:
@@ -69,3 +69,13 @@ def _numel(shape):
     for s in shape:
         n *= s
     return n
+
+
+def _quality_line(q: dict) -> str:
+    """One readable line of a stored measurement (the raw record if it lacks the usual fields)."""
+    try:
+        return (f"KLD {q['kld']:.4f} nats (p99 {q['kld_p99']:.3f}), top-1 {100 * q['top1']:.2f} %, perplexity "
+                f"{q['ppl']:.3f} vs {q['ppl_ref']:.3f} (ratio {q['ppl_ratio']:.4f}) against the "
+                f"{q.get('reference', 'reference')} on {q['text']}, {q['windows']} x {q['ctx']} tokens")
+    except (KeyError, TypeError, ValueError):
+        return json.dumps(q)

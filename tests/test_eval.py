@@ -112,7 +112,7 @@ def test_convert_eval_text_stores_the_report(packs, tmp_path, capsys):
                         "--windows", "2", "--ctx", "16", "--json", "-q"], capsys)
     assert json.loads(js)["kld"] == pytest.approx(q[0]["kld"], rel=1e-12)
     code, shown, _ = _run(["inspect", str(out)], capsys)
-    assert "quality" in shown and '"kld"' in shown
+    assert f"KLD {q[0]['kld']:.4f} nats" in shown and "against the source on text.txt, 2 x 16 tokens" in shown
 
 
 def test_convert_eval_uses_the_shipped_evaluation_text(packs, tmp_path, capsys):
