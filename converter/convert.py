@@ -134,6 +134,8 @@ def convert(src, out, dtype: str = "f16", group_size: int | None = None, quiet: 
     if eval_text is not None:
         from llmpack.runtime.quality import read_text
 
+        if eval_windows < 1 or eval_ctx < 2:  # checked now, not after a long conversion
+            raise LlmpackError(f"--eval-windows must be >= 1 and --eval-ctx >= 2 (got {eval_windows} and {eval_ctx})")
         eval_src = read_text(eval_text)
     t0 = time.time()
     ckpt = Checkpoint(src)

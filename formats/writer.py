@@ -1,6 +1,7 @@
 """Streaming, atomic writer: tensors go to disk as they are produced; the header comes last."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -30,7 +31,10 @@ class PackWriter:
         parent = self.path.parent if str(self.path.parent) else Path(".")
         if not parent.is_dir():
             raise LlmpackError(f"output folder {parent} does not exist; create it first")
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
+        try:
+            fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
+        except OSError as e:
+            raise LlmpackError(f"cannot write in {parent} ({e.strerror}); choose another output folder") from None
         self._fh = os.fdopen(fd, "wb")
         self._fh.write(b"\0" * PREFIX_SIZE)  # patched in finish()
         return self
@@ -46,6 +50,9 @@ class PackWriter:
             except FileNotFoundError:
                 pass
             self._tmp = None
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise LlmpackError(f"the disk holding {self.path.parent.resolve()} is full ({exc.strerror}); "
+                               f"free some space or choose another output folder; nothing was written") from exc
         return False
 
     def add(self, name: str, type_name: str, shape, parts: dict[str, np.ndarray], group_size: int | None = None):

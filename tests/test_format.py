@@ -246,6 +246,41 @@ def test_exception_inside_writer_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_full_disk_is_a_one_line_error_and_leaves_nothing(tmp_path):
+    import errno
+
+    from llmpack.formats.errors import LlmpackError
+
+    class FullDisk:  # a file object whose disk fills on the first tensor
+        def __init__(self, fh):
+            self._fh = fh
+
+        def write(self, data):
+            if len(data) > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self._fh.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._fh, name)
+
+    out = tmp_path / "a.llmpack"
+    with pytest.raises(LlmpackError, match="is full .*free some space or choose another output folder"):
+        with PackWriter(out) as w:
+            w._fh = FullDisk(w._fh)
+            w.add_array("x", np.ones((64, 64), np.float32), "f32")
+    assert os.listdir(tmp_path) == []
+
+
+def test_unwritable_output_folder_is_a_one_line_error():
+    from llmpack.formats.errors import LlmpackError
+
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc (a folder no one may create files in, root included)")
+    with pytest.raises(LlmpackError, match="cannot write in /proc .*choose another output folder"):
+        with PackWriter("/proc/a.llmpack"):
+            pass
+
+
 def test_exception_in_finish_leaves_nothing(tmp_path):
     out = tmp_path / "a.llmpack"
     with pytest.raises(TypeError):
