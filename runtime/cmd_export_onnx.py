@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,31 +41,57 @@ def export_onnx(path, out_dir, accuracy_level: int | None = None, verify: bool =
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise LlmpackError(f"output {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
     pack = Pack(path, verify=verify)
     acc = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
     graph = build_decoder(pack, accuracy_level=acc, genai_io=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        umask = os.umask(0o022)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the export folder's mode
+    except OSError as e:
+        raise LlmpackError(f"cannot write in {out.parent} ({e.strerror}); choose another output folder") from None
+    try:
+        files = _write_export(pack, graph, tmp)
+        _move_into_place(tmp, out, files)
+    except OSError as e:
+        raise LlmpackError(f"cannot write the export to {out} ({e.strerror}); nothing was left half-written") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"files": files, "bytes": sum((out / f).stat().st_size for f in files)}
 
+
+def _write_export(pack, graph, folder: Path) -> list[str]:
     layout, offset = {}, 0
     for name, (arr, _elem) in graph.weights.items():
         offset = -(-offset // DATA_ALIGN) * DATA_ALIGN
         layout[name] = (offset, arr.nbytes)
         offset += arr.nbytes
     data_name = "model.onnx.data"
-    tmp = out / (data_name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with open(folder / data_name, "wb") as fh:
         for name, (arr, _elem) in graph.weights.items():
             fh.write(b"\0" * (layout[name][0] - fh.tell()))
             fh.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
-    os.replace(tmp, out / data_name)
     model = graph.model(lambda name, arr: {"location": data_name, "offset": layout[name][0],
                                            "length": layout[name][1]})
-    (out / "model.onnx").write_bytes(model)
-
+    (folder / "model.onnx").write_bytes(model)
     files = ["model.onnx", data_name, "genai_config.json"]
-    (out / "genai_config.json").write_text(json.dumps(genai_config(pack, graph), indent=2) + "\n")
-    files += write_tokenizer(pack, out)
-    return {"files": files, "bytes": sum((out / f).stat().st_size for f in files)}
+    (folder / "genai_config.json").write_text(json.dumps(genai_config(pack, graph), indent=2) + "\n")
+    return files + write_tokenizer(pack, folder)
+
+
+def _move_into_place(tmp: Path, out: Path, files: list[str]) -> None:
+    """A new or empty folder: one atomic rename of the finished folder. An existing one: file by
+    file, model.onnx last, so a reader never sees a graph whose weights are not there yet."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+        tmp.mkdir()  # for the caller's cleanup
+        return
+    for f in sorted(files, key=lambda f: f == "model.onnx"):
+        os.replace(tmp / f, out / f)
 
 
 def _stop_ids(pack) -> tuple[list[int], int | None]:

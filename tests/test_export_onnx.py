@@ -1,6 +1,7 @@
 """`llmpack export-onnx`: the exported folder runs with bare onnxruntime (no llmpack code in the
 loop) and with onnxruntime-genai, and matches the numpy backend."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -130,6 +131,29 @@ def test_cli_export(exported, tmp_path):
     assert (tmp_path / "out" / "model.onnx").is_file() and (tmp_path / "out" / "genai_config.json").is_file()
     (tmp_path / "file").write_text("")
     assert main(["export-onnx", str(pack), "-o", str(tmp_path / "file")]) == 2
+
+
+def test_export_is_never_half_written(exported, tmp_path):
+    """A new folder appears whole; re-exporting into a used folder replaces its files; a folder
+    that cannot be written is a one-line error; no temporary folder is left behind."""
+    from llmpack.formats.errors import LlmpackError
+    from llmpack.runtime.cmd_export_onnx import export_onnx
+
+    pack, first, _ = exported("gpt2", "f16")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    res = export_onnx(pack, out, accuracy_level=0)
+    assert sorted(p.name for p in out.iterdir()) == sorted(res["files"] + ["notes.txt"])
+    assert (out / "model.onnx.data").read_bytes() == (first / "model.onnx.data").read_bytes()
+    fresh = export_onnx(pack, tmp_path / "fresh", accuracy_level=0)
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == sorted(fresh["files"])
+    (tmp_path / "plain").mkdir()  # the mode any new folder gets here (umask), not mkdtemp's 0700
+    assert (tmp_path / "fresh").stat().st_mode == (tmp_path / "plain").stat().st_mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "out", "plain"]
+    if os.path.isdir("/proc/self"):
+        with pytest.raises(LlmpackError, match="cannot write in /proc"):
+            export_onnx(pack, "/proc/llmpack-onnx")
 
 
 @pytest.mark.parametrize("family,dtype", CASES)
