@@ -88,7 +88,6 @@ def _move_into_place(tmp: Path, out: Path, files: list[str]) -> None:
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
-        tmp.mkdir()  # for the caller's cleanup
         return
     for f in sorted(files, key=lambda f: f == "model.onnx"):
         os.replace(tmp / f, out / f)
