@@ -132,10 +132,9 @@ def convert(src, out, dtype: str = "f16", group_size: int | None = None, quiet: 
         calib_mod.check_file(calib)
     eval_src = None
     if eval_text is not None:
-        from llmpack.runtime.quality import read_text
+        from llmpack.runtime.quality import check_windows, read_text
 
-        if eval_windows < 1 or eval_ctx < 2:  # checked now, not after a long conversion
-            raise LlmpackError(f"--eval-windows must be >= 1 and --eval-ctx >= 2 (got {eval_windows} and {eval_ctx})")
+        check_windows(eval_windows, eval_ctx, ("--eval-windows", "--eval-ctx"))  # now, not after converting
         eval_src = read_text(eval_text)
     t0 = time.time()
     ckpt = Checkpoint(src)

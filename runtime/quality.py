@@ -37,11 +37,16 @@ def read_text(path) -> tuple[str, str]:
     return text, p.name
 
 
-def token_windows(tokenizer, text: str, n_windows: int, ctx: int) -> list[np.ndarray]:
+def check_windows(n_windows: int, ctx: int, flags=("--windows", "--ctx")) -> None:
+    """LlmpackError naming the option (`flags`: the caller's names) if the windows are unusable."""
     if ctx < 2:
-        raise LlmpackError(f"--ctx must be at least 2 tokens, got {ctx}")
+        raise LlmpackError(f"{flags[1]} must be at least 2 tokens, got {ctx}")
     if n_windows < 1:
-        raise LlmpackError(f"--windows must be at least 1, got {n_windows}")
+        raise LlmpackError(f"{flags[0]} must be at least 1, got {n_windows}")
+
+
+def token_windows(tokenizer, text: str, n_windows: int, ctx: int) -> list[np.ndarray]:
+    check_windows(n_windows, ctx)
     ids = tokenizer.encode(text, add_special_tokens=False)
     bos = tokenizer.bos_id if tokenizer.add_bos else None
     body = ctx - (1 if bos is not None else 0)
