@@ -17,6 +17,8 @@ from llmpack.formats import __version__
 from . import tokenizer_files
 from .arch import map_name
 from .checkpoint import Checkpoint
+from llmpack.formats.blocks import describe_model
+
 from .describe import describe, family_for, load_config
 from .quantize import calib as calib_mod
 from .quantize import pipeline
@@ -210,7 +212,9 @@ def convert(src, out, dtype: str = "f16", group_size: int | None = None, quiet: 
             w.add_array(name, arr, "f32")
         if opts.calibrated:
             inv_freq = {k.split(".")[1]: v for k, v in extra.items() if k.startswith("rope.")}
-            pipeline.run(w, source, model, inv_freq, types, opts, ids, dtype, quiet=quiet)
+            rope_shapes = {k: v.shape for k, v in extra.items()}
+            spec = describe_model(model, {**shapes, **rope_shapes})
+            pipeline.run(w, source, spec, inv_freq, types, opts, ids, dtype, quiet=quiet)
         else:
             progress = Progress("convert", len(plan), quiet=quiet)
             for hf, canon, rewrite in plan:

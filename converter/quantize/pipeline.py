@@ -21,7 +21,7 @@ from llmpack.runtime.progress import Progress
 
 from . import awq
 from .gptq import HessianFactor, gptq_quantize
-from .layers import LayerRunner, embed_tokens, final_hidden
+from .layers import LayerRunner, embed_tokens, final_hidden_states
 from .options import is_quantized
 
 
@@ -72,11 +72,11 @@ class _Quantizer:
             t[key] = deq
 
 
-def run(writer, source, model: dict, inv_freq: dict, types: dict, opts, ids: np.ndarray,
+def run(writer, source, spec, inv_freq: dict, types: dict, opts, ids: np.ndarray,
         float_dtype: str, quiet: bool = False):
     """Write every tensor of `source` (see convert.TensorSource), calibrating on `ids` (B, T)."""
     q = _Quantizer(types, opts)
-    n_layers = model["n_layers"]
+    n_layers = len(spec.blocks)
     progress = Progress("quantize", n_layers + 2, quiet=quiet)
 
     pre = source.load(source.pre)
@@ -95,7 +95,7 @@ def run(writer, source, model: dict, inv_freq: dict, types: dict, opts, ids: np.
     else:
         store(writer, "embed.weight", emb, types, opts, float_dtype)
         rows = emb[ids.ravel()]
-    x = embed_tokens(model, rows.reshape(ids.shape + (-1,)), pre.get("pos_embed.weight"), ids)
+    x = embed_tokens(spec, rows.reshape(ids.shape + (-1,)), pre.get("pos_embed.weight"), ids)
     del emb, rows
     progress.step("embedding")
 
@@ -103,7 +103,7 @@ def run(writer, source, model: dict, inv_freq: dict, types: dict, opts, ids: np.
         prefix = f"layers.{i}."
         arrs = source.load(source.layers[i])
         t = {n[len(prefix):]: a for n, a in arrs.items()}
-        runner = LayerRunner(model, i, t, inv_freq)
+        runner = LayerRunner(spec, i, t, inv_freq)
         if opts.uses_awq:
             runner.run(x, lambda stage, names, X: _awq_stage(t, prefix, stage, names, X, types, opts, runner.gated))
         x = runner.run(x, lambda stage, names, X: q.group(t, prefix, names, X))
@@ -118,7 +118,7 @@ def run(writer, source, model: dict, inv_freq: dict, types: dict, opts, ids: np.
 
     post = source.load(source.post)
     if "head.weight" in post and is_quantized(types.get("head.weight")):
-        hx = final_hidden(model, x, post["final_norm.weight"], post.get("final_norm.bias"))
+        hx = final_hidden_states(spec, x, post)
         if opts.uses_awq:
             bits, g = types["head.weight"]
             s = awq.search_scales(hx, [post["head.weight"]], bits, g, opts.sym(bits), seed=opts.seed)
@@ -142,7 +142,7 @@ def _awq_stage(t, prefix, stage, names, X, types, opts, gated):
     bits, g = min(types[f"{prefix}{n}.weight"] for n in names)  # search for the coarsest member
     if stage in ("o_in",) and t["attn.v.weight"].shape[0] != t["attn.o.weight"].shape[1]:
         return None
-    if stage == "down_in" and not gated:
+    if stage == "res_in" or (stage == "down_in" and not gated):
         return None
     s = awq.search_scales(X, [t[f"{n}.weight"] for n in names], bits, g, opts.sym(bits),
                           seed=opts.seed)
