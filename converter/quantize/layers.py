@@ -12,8 +12,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from llmpack.formats.blocks import ModelSpec
-from llmpack.runtime.numpy_block import BlockMath, embed, final_hidden, rope_tables
+from llmpack.formats.blocks import Block, ModelSpec
+from llmpack.runtime.numpy_block import NORM_KERNELS, BlockMath, embed, rope_tables
 
 
 class ShortNames(Mapping):
@@ -36,12 +36,12 @@ class ShortNames(Mapping):
 
 
 class LayerRunner:
-    """Runs block `i` of `spec` with tensors `t` (short names -> f32 arrays). `t` is read at
+    """Runs `block` (model-wide constants from `spec`) with tensors `t` (short names -> f32 arrays). `t` is read at
     each call, so replacing a weight with its quantized version changes what later stages see."""
 
-    def __init__(self, spec: ModelSpec, i: int, t: dict, inv_freq: dict):
+    def __init__(self, spec: ModelSpec, block: Block, t: dict, inv_freq: dict):
         self.spec, self.t = spec, t
-        self.block = spec.blocks[i]
+        self.block = block
         self.prefix = self.block.prefix
         self.math = BlockMath(spec, self.block, ShortNames(t, self.prefix))
         self.inv_freq = inv_freq
@@ -84,6 +84,6 @@ def embed_tokens(spec: ModelSpec, embed_rows: np.ndarray, pos_embed: np.ndarray 
     return embed(spec, embed_rows.astype(np.float32), pos_rows)
 
 
-def final_hidden_states(spec: ModelSpec, x, tensors: dict):
-    """The head's input: the final norm of the last block's output (tensors by canonical name)."""
-    return final_hidden(spec, tensors, x)
+def final_hidden(norm_kind: str, eps: float, x, tensors: dict):
+    """The head's input: the final norm (of kind `norm_kind`) of the last block's output."""
+    return NORM_KERNELS[norm_kind](x, tensors["final_norm.weight"], tensors.get("final_norm.bias"), np.float32(eps))
