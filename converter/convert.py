@@ -110,7 +110,8 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
         stream_mod.run(s, steps, w, quiet=quiet)
         for step in steps:
             done.append({"step": step.name, **step.options()})
-        done[-1]["seconds"] = round(time.time() - t1, 2)
+        if steps:  # the stream runs its steps together: its time goes to the record of the last
+            done[-1]["seconds"] = round(time.time() - t1, 2)
         w.add_blob(tok_blob_name, tok_blob)
         header["model"]["n_layers"] = len(header["model"]["layers"])
         if opts.quantized:

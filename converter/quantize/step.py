@@ -88,15 +88,4 @@ class QuantizeStep(Step):
 
     def _awq_stage(self, s, t, prefix, stage, names, X, gated):
         kinds = [s.kind(f"{prefix}{n}.weight") for n in names]
-        if not all(is_quantized(k) for k in kinds):  # part of the group stays float: leave it unscaled
-            return None
-        bits, g = min(kinds)  # search for the coarsest member
-        if stage == "o_in" and t["attn.v.weight"].shape[0] != t["attn.o.weight"].shape[1]:
-            return None
-        if stage == "res_in" or (stage == "down_in" and not gated):
-            return None
-        sc = awq.search_scales(X, [t[f"{n}.weight"] for n in names], bits, g, self.opts.sym(bits),
-                               seed=self.opts.seed)
-        if not awq.fold(t, stage, names, sc, gated):
-            return None
-        return X / sc
+        return awq.scale_group(t, stage, names, X, kinds, self.opts.sym, gated, seed=self.opts.seed)
