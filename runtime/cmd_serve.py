@@ -4,7 +4,8 @@ Endpoints: POST /v1/chat/completions and POST /v1/completions (JSON, or server-s
 "stream": true), GET /v1/models, GET /health (503 while the model loads), and a chat page at /
 (works offline). Requests run one at a time, in arrival order (one generation already uses every
 core of a laptop); a request of the same conversation re-uses the KV cache of the previous one,
-so only its new tokens are prefilled. A client that disconnects stops its generation.
+so only its new tokens are prefilled. A client that disconnects stops its generation at the
+next token (a prefill under way finishes first).
 
 The server listens on loopback (127.0.0.1) unless --host says otherwise; with another address,
 set --api-key (or LLMPACK_API_KEY): clients then send 'Authorization: Bearer KEY'.

@@ -197,16 +197,20 @@ def test_stop_strings_cut_the_reply(server, reference):
 
 
 def _stream_text(url, body):
-    """(text, finish_reason) of a streamed text completion, read as raw server-sent events."""
+    """(text, finish_reason) of a streamed text completion, read as raw server-sent events; (status,
+    error message) if the server refused it."""
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     text, finish = "", None
-    with urllib.request.urlopen(req, timeout=DEADLINE) as r:
-        assert r.headers["Content-Type"].startswith("text/event-stream")
-        for line in r:
-            if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
-                choice = json.loads(line[6:])["choices"][0]
-                text += choice["text"]
-                finish = choice["finish_reason"] or finish
+    try:
+        with urllib.request.urlopen(req, timeout=DEADLINE) as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            for line in r:
+                if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                    choice = json.loads(line[6:])["choices"][0]
+                    text += choice["text"]
+                    finish = choice["finish_reason"] or finish
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["error"]["message"]
     return text, finish
 
 
@@ -331,26 +335,50 @@ def test_503_while_loading():
 
 
 # -- cancellation and load ----------------------------------------------------------------------------------
-def test_a_client_that_disconnects_cancels_its_generation(server):
+def _start_long_stream(url):
+    """A streamed completion of 4000 tokens (far longer than any test waits), read up to its third
+    event; returns the open connection."""
     import http.client
 
-    before = request(server.url + "health")[1]["finished"]["cancelled"]
-    host, port = re.match(r"http://([\d.]+):(\d+)/", server.url).groups()
+    host, port = re.match(r"http://([\d.]+):(\d+)/", url).groups()
     conn = http.client.HTTPConnection(host, int(port), timeout=DEADLINE)
-    # 4000 tokens would take this server far longer than the rest of the test
     conn.request("POST", "/v1/completions", json.dumps({"prompt": "hello", "max_tokens": 4000, "temperature": 0,
                                                         "stream": True}), {"Content-Type": "application/json"})
     r = conn.getresponse()
     assert r.status == 200
-    seen = 0
-    while seen < 3:  # three events of the reply, then hang up
-        seen += r.readline().startswith(b"data: ")
+    events = (line for line in r if line.startswith(b"data: "))
+    assert len([next(events) for _ in range(3)]) == 3
+    return conn
+
+
+def hang_up(conn):
     conn.sock.shutdown(2)
     conn.close()
-    r = server.client().completions.create(model="m", prompt="hi", max_tokens=3)  # served once the other stops
+
+
+def test_a_client_that_disconnects_cancels_its_generation(server):
+    before = request(server.url + "health")[1]["finished"]["cancelled"]
+    hang_up(_start_long_stream(server.url))
+    # one generation at a time: this one runs once the other has stopped (or after 4000 tokens)
+    r = server.client().completions.create(model="m", prompt="hi", max_tokens=3)
     assert r.usage.completion_tokens == 3
     health = request(server.url + "health")[1]
     assert health["finished"]["cancelled"] == before + 1 and health["queued"] == 0
+
+
+def test_a_full_queue_answers_503_busy(pack):
+    s = Server(pack, "--max-queue", "1")
+    try:
+        conn = _start_long_stream(s.url)
+        status, r = request(s.url + "v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert status == 503 and "busy" in r["error"]["message"]
+        hang_up(conn)
+        end = time.monotonic() + DEADLINE  # the disconnect frees the queue once the server notices it
+        while request(s.url + "health")[1]["queued"] and time.monotonic() < end:
+            time.sleep(0.05)
+        assert s.client().completions.create(model="m", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        s.stop()
 
 
 def test_concurrent_load_every_request_answered_memory_flat(server):
@@ -361,7 +389,7 @@ def test_concurrent_load_every_request_answered_memory_flat(server):
         body = {"prompt": prompts[i % len(prompts)] * (1 + i % 3), "max_tokens": 1 + i % 4, "temperature": 0}
         if i % 2:
             text, finish = _stream_text(server.url + "v1/completions", {**body, "stream": True})
-            return 200, finish
+            return (200, finish) if isinstance(text, str) else (text, finish)
         status, r = request(server.url + "v1/completions", body)
         return status, (r["choices"][0]["finish_reason"] if status == 200 else r["error"]["message"])
 
@@ -524,3 +552,22 @@ def test_the_server_never_imports_torch(pack):
     p = subprocess.run([sys.executable, "-c", script, str(pack)], capture_output=True, text=True, env=ENV,
                        timeout=DEADLINE)
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stderr
+
+
+def test_numpy_backend_serves_the_same_tokens(pack):
+    from llmpack.runtime import load
+
+    reference = load(pack, backend="numpy")
+    s = Server(pack, "--backend", "numpy")
+    try:
+        ids = reference.tokenizer.encode("jumps over the lazy dog")
+        r = s.client().completions.create(model="m", prompt=ids, max_tokens=6, temperature=0)
+        assert r.choices[0].text == reference.tokenizer.decode(greedy(reference, ids, 6))
+    finally:
+        s.stop()
+
+
+def test_help_shows_examples():
+    p = subprocess.run([sys.executable, "-m", "llmpack", "serve", "--help"], capture_output=True, text=True, env=ENV)
+    assert p.returncode == 0 and "llmpack serve qwen05.llmpack" in p.stdout and "/v1/chat/completions" in p.stdout
+    assert "serve" in subprocess.run([sys.executable, "-m", "llmpack"], capture_output=True, text=True, env=ENV).stdout
