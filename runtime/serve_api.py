@@ -4,8 +4,10 @@ bodies, for /v1/chat/completions and /v1/completions. No HTTP here (runtime/serv
 Fields: messages | prompt, max_tokens (or max_completion_tokens), temperature, top_p, top_k,
 repeat_penalty, seed, stop (a string or a list), stream, stream_options.include_usage, n (only 1).
 `temperature` left out means the model's own generation_config (greedy when it has none), as in
-`llmpack generate`. frequency/presence penalties and logprobs are not implemented: a non-zero or
-true value is refused (400) rather than silently ignored.
+`llmpack generate`. max_tokens left out, or more than the context has room for, means up to the
+end of the context (finish_reason "length"); a prompt that leaves no room is refused (413).
+"model" is not checked: the server has one model. frequency/presence penalties and logprobs are
+not implemented: a non-zero or true value is refused (400) rather than silently ignored.
 """
 from __future__ import annotations
 

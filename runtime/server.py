@@ -200,7 +200,7 @@ def build_app(service: Service, chat_page: str | None = None) -> Starlette:
         service.ready_engine()
         body = await read_json(request)
         job = chat_job(body) if chat else completion_job(body)
-        reply = Reply(body.get("model") or service.model_name, chat)
+        reply = Reply(service.model_name, chat)  # whatever "model" the client named: there is one
         events = service.events(job)
         watcher = watch_disconnect(request, job)
         try:
