@@ -420,7 +420,8 @@ def _chromium():
 
 
 # chromium's --remote-debugging-pipe reads fd 3 and writes fd 4
-DUP_AND_EXEC = "import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); os.execvp(sys.argv[3], sys.argv[3:])"
+DUP_AND_EXEC = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); "
+                "os.execvp(sys.argv[3], sys.argv[3:])")
 
 
 def _high_fd(fd):
@@ -540,7 +541,7 @@ def test_chat_page_in_headless_chromium(server, reference, tmp_path):
 
 
 def test_the_server_never_imports_torch(pack):
-    script = ("import sys, threading\n"
+    script = ("import sys\n"
               "from llmpack.runtime import load\n"
               "from llmpack.runtime.cmd_serve import main\n"
               "from llmpack.runtime.server import Service, build_app\n"
@@ -571,3 +572,48 @@ def test_help_shows_examples():
     p = subprocess.run([sys.executable, "-m", "llmpack", "serve", "--help"], capture_output=True, text=True, env=ENV)
     assert p.returncode == 0 and "llmpack serve qwen05.llmpack" in p.stdout and "/v1/chat/completions" in p.stdout
     assert "serve" in subprocess.run([sys.executable, "-m", "llmpack"], capture_output=True, text=True, env=ENV).stdout
+
+
+class _Pieces:
+    """A stand-in tokenizer: token i decodes to PIECES[i] (to spell stop strings across tokens)."""
+
+    PIECES = ["Hel", "lo", " wor", "ld", "<", "/", "end", ">", "!"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.PIECES[i] for i in ids)
+
+
+@pytest.mark.parametrize("stops, released, stopped", [
+    (["</end>"], ["Hel", "lo", " wor", "ld", "", "", "", ""], True),       # cut before a stop across 4 tokens
+    (["</x>"], ["Hel", "lo", " wor", "ld", "", "", "</end", ">", "!"], False),  # held back, then released
+    (["lo w"], ["He", "l", ""], True),                                      # the stop starts inside a token
+    ([], _Pieces.PIECES, False),
+])
+def test_stop_text_holds_back_only_what_may_start_a_stop(stops, released, stopped):
+    from llmpack.runtime.serve_engine import StopText
+
+    text, out = StopText(_Pieces(), stops), []
+    for i in range(len(_Pieces.PIECES)):
+        piece, hit = text.push(i)
+        out.append(piece)
+        if hit:
+            break
+    if not hit:
+        piece, hit = text.flush()
+        out[-1] += piece
+    assert (out, hit) == (released, stopped)
+
+
+def test_a_template_error_is_a_400_and_the_engine_goes_on(pack):
+    from llmpack.runtime import load
+    from llmpack.runtime.serve_engine import Engine, Job
+
+    model = load(pack)
+    engine = Engine(model)
+    model.chat_template = "{{ raise_exception('roles must alternate') }}"
+    events = []
+    engine.run(Job(messages=[{"role": "user", "content": "hi"}], max_tokens=2), events.append)
+    assert len(events) == 1 and events[0][:2] == ("error", 400) and "roles must alternate" in events[0][2]
+    model.chat_template = QWEN_TEMPLATE
+    engine.run(Job(messages=[{"role": "user", "content": "hi"}], max_tokens=2), events.append)
+    assert events[-1] == ("end", "length", 2) and engine.finished["error"] == 1
