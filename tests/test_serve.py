@@ -366,6 +366,23 @@ def test_a_client_that_disconnects_cancels_its_generation(server):
     assert health["finished"]["cancelled"] == before + 1 and health["queued"] == 0
 
 
+def test_a_plain_json_client_that_disconnects_cancels_too(server):
+    import http.client
+
+    before = request(server.url + "health")[1]["finished"]["cancelled"]
+    host, port = re.match(r"http://([\d.]+):(\d+)/", server.url).groups()
+    conn = http.client.HTTPConnection(host, int(port), timeout=DEADLINE)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "hello", "max_tokens": 4000, "temperature": 0}),
+                 {"Content-Type": "application/json"})
+    end = time.monotonic() + DEADLINE  # hang up once the server has the request
+    while request(server.url + "health")[1]["queued"] == 0 and time.monotonic() < end:
+        time.sleep(0.02)
+    hang_up(conn)
+    r = server.client().completions.create(model="m", prompt="hi", max_tokens=3)
+    assert r.usage.completion_tokens == 3
+    assert request(server.url + "health")[1]["finished"]["cancelled"] == before + 1
+
+
 def test_a_full_queue_answers_503_busy(pack):
     s = Server(pack, "--max-queue", "1")
     try:
