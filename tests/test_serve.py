@@ -67,11 +67,13 @@ class Server:
     def __init__(self, pack, *args):
         self.proc = subprocess.Popen([sys.executable, "-m", "llmpack", "serve", str(pack), "--port", "0", *args],
                                      stderr=subprocess.PIPE, text=True, env=ENV)
-        first = self.proc.stderr.readline()
-        self.lines = [first]
+        self.lines, match = [], None
+        while match is None:  # the line naming the URL (other output, e.g. library warnings, may come first)
+            line = self.proc.stderr.readline()
+            assert line, "the server exited before listening: " + "".join(self.lines)
+            self.lines.append(line)
+            match = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
         threading.Thread(target=self._drain, daemon=True).start()
-        match = re.search(r"(http://127\.0\.0\.1:\d+/)", first)
-        assert match, f"no URL in the server's first line: {first!r}"
         self.url = match.group(1)
         self._wait_healthy()
 

@@ -31,7 +31,11 @@ PROMPTS = ["hello", "the quick brown fox", "def main():", "What is the capital o
 def start_server(pack: str, backend: str | None):
     args = [sys.executable, "-m", "llmpack", "serve", pack, "--port", "0", "--max-queue", "100000"]
     proc = subprocess.Popen(args + (["--backend", backend] if backend else []), stderr=subprocess.PIPE, text=True)
-    match = re.search(r"http://127\.0\.0\.1:(\d+)/", proc.stderr.readline())
+    match = None
+    for line in proc.stderr:  # the line naming the URL
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        if match:
+            break
     if not match:
         proc.kill()
         sys.exit("bench_serve: the server did not start")
