@@ -24,8 +24,10 @@ from .checkpoint import Checkpoint
 from .describe import describe, family_for, load_config
 from .quantize import calib as calib_mod
 from .quantize.options import plan_types
+from .quantize.step import QuantizeStep
 from .recipe import DTYPES, Recipe  # noqa: F401  (DTYPES: the CLI's and tests' list)
 from .source import TensorSource, canonical_shapes, order_key, plan_names
+from .steps import layer_drop, pruning, slicing
 
 
 def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **options) -> dict:
@@ -139,8 +141,6 @@ def _calibration(recipe: Recipe, tok_section, tok_blob):
 
 def _steps(recipe: Recipe, s, quiet: bool) -> tuple[list, list]:
     """The stream's steps in recipe order, and the record of steps already run before it."""
-    from .steps import layer_drop, pruning, slicing
-
     st, done, steps = recipe.structure, [], []
     if st.drop_layers is not None:
         t = time.time()
@@ -152,8 +152,6 @@ def _steps(recipe: Recipe, s, quiet: bool) -> tuple[list, list]:
     if st.prune_heads is not None or st.prune_mlp is not None:
         steps.append(pruning.PruneStep(heads=st.prune_heads or 0, mlp=st.prune_mlp or 0))
     if recipe.quant.calibrated:
-        from .quantize.step import QuantizeStep
-
         steps.append(QuantizeStep(recipe.quant))
     elif recipe.quant.quantized:
         steps.append(stream_mod.WriteTimeStep("quantize", recipe.quant.describe()))  # RTN as each tensor is written

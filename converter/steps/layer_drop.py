@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmpack.formats.blocks import describe_block
 from llmpack.runtime.progress import Progress
 
-from ..quantize.layers import embed_tokens, final_hidden
+from ..quantize.layers import LayerRunner, embed_tokens, final_hidden
 from ..stream import Stream
 
 CANDIDATES = 3  # blocks measured per round (lowest block influence first)
@@ -59,10 +60,6 @@ class _Model:
 
 
 def _runner(s: Stream, i: int, t: dict):
-    from llmpack.formats.blocks import describe_block
-
-    from ..quantize.layers import LayerRunner
-
     shapes = {f"layers.{i}.{k}": v.shape for k, v in t.items()}
     return LayerRunner(s.spec, describe_block(s.model, i, shapes, t["attn.q.weight"].shape[1]), t, s.inv_freq)
 
