@@ -1,5 +1,5 @@
 """llmpack.formats — the single-file format spec, its reader and its writer."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .errors import FormatError, LlmpackError
 from .reader import Pack

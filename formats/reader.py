@@ -13,8 +13,9 @@ import numpy as np
 
 from . import quant
 from .errors import FormatError
-from .spec import (ALIGN, FORMAT_VERSION, MAGIC, MAX_HEADER_BYTES, PREFIX_SIZE, READER_FOR_VERSION,
-                   STORAGE_TYPES, GROUP_SIZES, part_layout)
+from .schema import check_header, is_int
+from .spec import (ALIGN, FORMAT_VERSION, HEADER_CRC_OFFSET, MAGIC, MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES,
+                   PREFIX_SIZE, READER_FOR_VERSION, STORAGE_TYPES, GROUP_SIZES, part_layout)
 
 
 class Pack:
@@ -22,6 +23,9 @@ class Pack:
 
     def __init__(self, path: str | os.PathLike, verify: bool = True):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise FormatError(f"{self.path}: is a folder, not an llmpack file; pass the .llmpack file "
+                              f"(`llmpack convert FOLDER -o FILE.llmpack` makes one from a checkpoint folder)")
         if not self.path.is_file():
             raise FormatError(f"{self.path}: no such file")
         size = self.path.stat().st_size
@@ -34,7 +38,9 @@ class Pack:
             raise FormatError(f"{self.path}: cannot map the file ({e})")
         try:
             self.header = _read_header(self._mm, self.path)
+            check_header(self.header, self.path)
             _check_directory(self.header, _header_offset(self._mm), self.path)
+            _check_model(self.header, {t["name"]: t for t in self.header["tensors"]}, self.path)
         except FormatError:
             self._mm.close()
             raise
@@ -113,32 +119,37 @@ def _read_header(mm, path) -> dict:
                           f"({FORMAT_VERSION}); upgrade llmpack ({need} or later)")
     if version < 1:
         raise FormatError(f"{path}: invalid format version {version}")
+    if version >= 2 and (_flags or any(mm[HEADER_CRC_OFFSET + 4:PREFIX_SIZE])):
+        raise FormatError(f"{path}: reserved prefix bytes are not zero; the file is corrupt")
     hoff, hlen = _header_offset(mm)
     if hlen > MAX_HEADER_BYTES:
         raise FormatError(f"{path}: header claims {hlen} bytes (limit {MAX_HEADER_BYTES}); the file is corrupt")
     if hoff < PREFIX_SIZE or hoff + hlen != len(mm):
         raise FormatError(f"{path}: header at {hoff}+{hlen} does not end the {len(mm)}-byte file; "
                           f"the file is truncated or corrupt")
+    raw = bytes(mm[hoff:hoff + hlen])
+    if version >= 2:  # version 1 had no header checksum
+        (crc,) = struct.unpack_from("<I", mm, HEADER_CRC_OFFSET)
+        if zlib.crc32(raw) != crc:
+            raise FormatError(f"{path}: the header fails its checksum: the file is corrupt; convert it again")
     try:
-        header = json.loads(bytes(mm[hoff:hoff + hlen]))
+        header = json.loads(raw)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise FormatError(f"{path}: header is not valid JSON ({e.__class__.__name__}); the file is corrupt")
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header is a JSON {type(header).__name__}, not an object; the file is corrupt")
-    if not _is_int(header.get("format_version")) or header["format_version"] != version:
+    if not is_int(header.get("format_version")) or header["format_version"] != version:
         raise FormatError(f"{path}: header format_version {header.get('format_version')!r} does not match "
                           f"the file's version field {version}; the file is corrupt")
-    for key, kind in (("model", dict), ("tensors", list), ("tokenizer", dict)):
-        if key not in header:
-            raise FormatError(f"{path}: header lacks required field '{key}'")
-        if not isinstance(header[key], kind):
-            raise FormatError(f"{path}: header field '{key}' is a JSON {type(header[key]).__name__}, "
-                              f"expected {'an object' if kind is dict else 'an array'}; the file is corrupt")
     return header
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def _check_model(header: dict, tensors: dict, path) -> None:
+    """HOOK for the model description (formats/blocks.py, the lead's work): validate the `model`
+    section and that every tensor name is one the description expects (an unknown or missing
+    tensor is an error). Called once per open, after check_header and _check_directory, before
+    any backend sees the header. For now the backends check the model section at load."""
+    return None
 
 
 def _check_directory(header, header_span, path):
@@ -160,10 +171,12 @@ def _check_directory(header, header_span, path):
                               f"upgrade llmpack or convert again")
         seen[name] = kind
         shape = t.get("shape")
-        if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
-            raise FormatError(f"{path}: tensor {name} has an invalid shape {shape!r}; the file is corrupt")
+        if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
+                and all(is_int(s) and 0 <= s <= MAX_DIM for s in shape)):
+            raise FormatError(f"{path}: tensor {name} has an invalid shape {_short(shape)} (at most {MAX_DIMS} "
+                              f"dimensions of at most {MAX_DIM}); the file is corrupt")
         g = t.get("group_size")
-        if STORAGE_TYPES[kind].quantized and (len(shape) != 2 or not _is_int(g) or g not in GROUP_SIZES):
+        if STORAGE_TYPES[kind].quantized and (len(shape) != 2 or not is_int(g) or g not in GROUP_SIZES):
             raise FormatError(f"{path}: quantized tensor {name} needs a 2-D shape and a group size "
                               f"in {GROUP_SIZES}, got {shape} / {g!r}")
         parts = t.get("parts")
@@ -175,7 +188,7 @@ def _check_directory(header, header_span, path):
             raise FormatError(f"{path}: tensor {name} has parts {sorted(parts)}, expected {sorted(layout)}")
         for pname, (dtype, pshape) in layout.items():
             entry = parts[pname]
-            if not (isinstance(entry, list) and len(entry) == 3 and all(_is_int(x) and x >= 0 for x in entry)):
+            if not (isinstance(entry, list) and len(entry) == 3 and all(is_int(x) and x >= 0 for x in entry)):
                 raise FormatError(f"{path}: tensor {name} ({pname}) has an invalid location {entry!r}; "
                                   f"expected [offset, nbytes, crc32] as integers; the file is corrupt")
             off, n, _crc = entry
@@ -197,3 +210,8 @@ def _check_directory(header, header_span, path):
     if "blob" in tok and (not isinstance(tok["blob"], str) or seen.get(tok["blob"]) != "u8"):
         raise FormatError(f"{path}: the tokenizer blob {tok['blob']!r} is not a byte tensor of this file; "
                           f"the file is corrupt")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

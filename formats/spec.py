@@ -1,4 +1,4 @@
-"""The llmpack file format, version 1 — the one spec the writer and the reader share.
+"""The llmpack file format, version 2 — the one spec the writer and the reader share.
 
 Layout (all integers little-endian)::
 
@@ -7,12 +7,20 @@ Layout (all integers little-endian)::
     12  u32      flags (0; reserved)
     16  u64      header offset  (byte offset of the JSON header)
     24  u64      header length  (bytes)
-    32  32 bytes zero padding
+    32  u32      CRC32 of the header bytes (version >= 2; zero in version 1)
+    36  28 bytes zero padding
     64  tensor data, every part starting at a multiple of ALIGN (64) bytes
     ..  UTF-8 JSON header; the file ends exactly where the header ends
 
 The header sits at the end so a converter can stream tensors to disk one at a time
 and only then write the directory (checksums are known once the data is written).
+
+Version 2 adds the header CRC32 at offset 32 (the reader always checks it: the header is small,
+and without it a bit flip in the JSON can rename a tensor or change a number and still load)
+and requires the flags and the padding to be zero. A version-1 file (no header CRC) still
+reads. Whatever the version, the header must pass one schema (formats/schema.py) before any
+backend sees it. The writer writes the prefix last, after the header is on disk and synced:
+until then the file starts with 64 zero bytes and is no llmpack file under any name.
 
 Header JSON (keys)::
 
@@ -68,12 +76,15 @@ import math
 from dataclasses import dataclass
 
 MAGIC = b"LLMPACK\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PREFIX_SIZE = 64
+HEADER_CRC_OFFSET = 32  # u32 CRC32 of the header bytes (format version >= 2)
 ALIGN = 64
 MAX_HEADER_BYTES = 64 << 20  # a header is metadata; anything larger is corruption
 # Which llmpack release first reads each format version (for "file too new" messages).
-READER_FOR_VERSION = {1: "0.1"}
+READER_FOR_VERSION = {1: "0.1", 2: "0.2"}
+MAX_DIMS = 8  # a tensor shape has at most this many dimensions (numpy's own limit is 64)
+MAX_DIM = 1 << 40  # no dimension larger than this (every byte must lie in the file anyway)
 
 
 @dataclass(frozen=True)

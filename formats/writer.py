@@ -1,9 +1,18 @@
-"""Streaming, atomic writer: tensors go to disk as they are produced; the header comes last."""
+"""Streaming, atomic writer: tensors go to disk as they are produced; the header comes last.
+
+The file is written under a temporary name `.OUT.tmp-PID.XXXXXXXX` next to OUT and renamed into
+place at the end. Its 64-byte prefix (magic, version, header offset/length/CRC) stays zero until
+the header is on disk and synced, so a writer killed before that leaves a file that is no
+llmpack file. (One exception: `finish(amend=...)` measures the complete temporary file, e.g.
+`convert --eval`; a kill during that leaves a valid pack under the temporary name.) Every new
+writer of OUT removes the temporaries of OUT whose writing process is gone.
+"""
 from __future__ import annotations
 
 import errno
 import json
 import os
+import re
 import struct
 import tempfile
 import zlib
@@ -12,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LlmpackError
-from .spec import FORMAT_VERSION, MAGIC, PREFIX_SIZE, READER_FOR_VERSION, STORAGE_TYPES, align, part_layout
+from .spec import (FORMAT_VERSION, HEADER_CRC_OFFSET, MAGIC, PREFIX_SIZE, READER_FOR_VERSION, STORAGE_TYPES,
+                   align, part_layout)
 
 
 class PackWriter:
@@ -31,12 +41,13 @@ class PackWriter:
         parent = self.path.parent if str(self.path.parent) else Path(".")
         if not parent.is_dir():
             raise LlmpackError(f"output folder {parent} does not exist; create it first")
+        remove_stale_temporaries(self.path)
         try:
-            fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
+            fd, self._tmp = tempfile.mkstemp(prefix=f"{temporary_prefix(self.path)}{os.getpid()}.", dir=parent)
         except OSError as e:
             raise LlmpackError(f"cannot write in {parent} ({e.strerror}); choose another output folder") from None
         self._fh = os.fdopen(fd, "wb")
-        self._fh.write(b"\0" * PREFIX_SIZE)  # patched in finish()
+        self._fh.write(b"\0" * PREFIX_SIZE)  # written last, in finish(): until then this is no llmpack file
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -92,12 +103,19 @@ class PackWriter:
         self.add(name, "u8", (len(blob),), {"data": np.frombuffer(blob, np.uint8)})
 
     def _write_header(self, header: dict, hoff: int):
+        """Header first, synced, then the prefix that makes the file a pack (zeroed meanwhile)."""
         blob = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+        self._fh.seek(0)
+        self._fh.write(b"\0" * PREFIX_SIZE)
         self._fh.seek(hoff)
         self._fh.truncate()
         self._fh.write(blob)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
         self._fh.seek(0)
         self._fh.write(MAGIC + struct.pack("<IIQQ", FORMAT_VERSION, 0, hoff, len(blob)))
+        self._fh.seek(HEADER_CRC_OFFSET)
+        self._fh.write(struct.pack("<I", zlib.crc32(blob)))
         self._fh.flush()
 
     def finish(self, header: dict, amend=None):
@@ -119,6 +137,45 @@ class PackWriter:
         os.chmod(self._tmp, 0o644)
         os.replace(self._tmp, self.path)
         self._tmp = None
+
+
+def temporary_prefix(out: Path) -> str:
+    """Temporaries of OUT are named `.OUT.tmp-PID.XXXXXXXX` in OUT's folder."""
+    return f".{Path(out).name}.tmp-"
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporaries of OUT left by writers that were killed (their process is gone);
+    returns what was removed. A temporary of a live process (a conversion running now) stays."""
+    out = Path(out)
+    folder = out.parent if str(out.parent) else Path(".")
+    pattern = re.compile(re.escape(temporary_prefix(out)) + r"(\d+)\.[A-Za-z0-9_]+$")
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m and not _process_alive(int(m.group(1))):
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's live process (or a number we cannot ask about): leave it
+    return True
 
 
 def _to_bf16_bits(x: np.ndarray) -> np.ndarray:

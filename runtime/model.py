@@ -5,6 +5,7 @@ import importlib.util
 
 import numpy as np
 
+from llmpack.formats.errors import FormatError
 from llmpack.formats.reader import Pack
 
 from . import chat_template
@@ -50,7 +51,10 @@ class Model:
         self.pack = pack
         self.header = pack.header
         self.backend = backend
-        tok = pack.header["tokenizer"]
+        tok = pack.header["tokenizer"]  # its schema is checked by the reader (formats/schema.py)
+        if not tok:
+            raise FormatError(f"{pack.path}: the file has no tokenizer (a format-only file); "
+                              f"convert the model with `llmpack convert`")
         self.tokenizer = Tokenizer(tok, pack.blob(tok["blob"]))
         self.chat_template = tok.get("chat_template")
         self.generation = pack.header.get("generation", {})

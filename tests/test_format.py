@@ -15,7 +15,7 @@ from llmpack.formats import Pack
 from llmpack.formats.spec import ALIGN, FORMAT_VERSION, MAGIC, PREFIX_SIZE, STORAGE_TYPES, part_layout
 from llmpack.formats.writer import PackWriter
 
-HEADER = {"model": {"family": "test"}, "tokenizer": {"kind": "hf_json", "blob": "tok"}, "note": "ünïcödé"}
+HEADER = {"model": {"family": "test"}, "tokenizer": {"kind": "hf_json", "blob": "tok"}, "config": {"note": "ünïcödé"}}
 PLAIN_SHAPES = [(3, 5, 7), (1,), (37,), (1, 1), (2, 1, 3), (0,), ()]
 # (N, K, group): K not a multiple of the group, N = 1, K < group, K == group.
 QUANT_SHAPES = [(5, 37, 16), (1, 37, 32), (3, 100, 64), (1, 7, 16), (2, 64, 32), (4, 300, 128)]
@@ -85,7 +85,7 @@ def test_plain_round_trip(tmp_path, kind):
     arrays = {f"t{i}": _plain_data(kind, shape, rng) for i, shape in enumerate(PLAIN_SHAPES)}
     _write(tmp_path / "p.llmpack", [(n, kind, a.shape, {"data": a}, None) for n, a in arrays.items()])
     pack = Pack(tmp_path / "p.llmpack")
-    assert pack.header["note"] == HEADER["note"] and pack.header["format_version"] == FORMAT_VERSION
+    assert pack.header["config"] == HEADER["config"] and pack.header["format_version"] == FORMAT_VERSION
     for name, a in arrays.items():
         t = pack.tensors[name]
         assert t["type"] == kind and tuple(t["shape"]) == a.shape
@@ -200,8 +200,9 @@ def test_layout_prefix_and_alignment(tmp_path):
     assert raw[:8] == MAGIC
     version, flags, hoff, hlen = struct.unpack_from("<IIQQ", raw, 8)
     assert (version, flags) == (FORMAT_VERSION, 0)
-    assert raw[32:PREFIX_SIZE] == b"\0" * 32
     assert hoff % ALIGN == 0 and hoff + hlen == len(raw)
+    assert struct.unpack_from("<I", raw, 32)[0] == zlib.crc32(raw[hoff:])  # the header's CRC32
+    assert raw[36:PREFIX_SIZE] == b"\0" * 28
     header = json.loads(raw[hoff:].decode("utf-8"))
     spans = []
     for t in header["tensors"]:
@@ -324,3 +325,142 @@ def test_written_file_is_readable_by_others(tmp_path):
     out = _mixed_pack(tmp_path / "a.llmpack")
     assert out.stat().st_mode & 0o777 == 0o644
 
+
+
+# -- versions and the header checksum ------------------------------------------------------------
+def _as_version_1(raw: bytes) -> bytes:
+    """The same file as a format-1 writer made it: version 1, no header CRC, format_version 1."""
+    _, _, hoff, _ = struct.unpack_from("<IIQQ", raw, 8)
+    header = json.loads(raw[hoff:])
+    blob = json.dumps(dict(header, format_version=1, min_reader="0.1")).encode()
+    return (MAGIC + struct.pack("<IIQQ", 1, 0, hoff, len(blob)) + b"\0" * 32 + raw[PREFIX_SIZE:hoff] + blob)
+
+
+def test_version_1_files_still_read(tmp_path):
+    path = _mixed_pack(tmp_path / "m.llmpack")
+    old = tmp_path / "v1.llmpack"
+    old.write_bytes(_as_version_1(path.read_bytes()))
+    new, v1 = Pack(path), Pack(old)
+    assert v1.header["format_version"] == 1
+    for name in new.tensors:
+        for pname, view in new.parts(name).items():
+            assert np.array_equal(view, v1.parts(name)[pname])
+
+
+def test_a_newer_version_names_the_release_that_reads_it(tmp_path):
+    from llmpack.formats import FormatError
+
+    raw = bytearray(_mixed_pack(tmp_path / "m.llmpack").read_bytes())
+    struct.pack_into("<I", raw, 8, FORMAT_VERSION + 1)
+    (tmp_path / "new.llmpack").write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match=f"format version {FORMAT_VERSION + 1} is newer than this llmpack reads "
+                                          f"\\({FORMAT_VERSION}\\); upgrade llmpack"):
+        Pack(tmp_path / "new.llmpack")
+
+
+def test_a_version_1_reader_refuses_a_version_2_file(tmp_path, monkeypatch):
+    """An old reader (FORMAT_VERSION 1) sees a version-2 file as too new: new tensor kinds and the
+    header CRC cannot be misread by it."""
+    from llmpack.formats import FormatError, reader
+
+    path = _mixed_pack(tmp_path / "m.llmpack")
+    monkeypatch.setattr(reader, "FORMAT_VERSION", 1)
+    with pytest.raises(FormatError, match="format version 2 is newer than this llmpack reads \\(1\\); "
+                                          "upgrade llmpack \\(0.2 or later\\)"):
+        Pack(path)
+
+
+def test_header_bit_flips_fail_the_header_checksum(tmp_path):
+    """A flip that keeps the JSON valid (a renamed tensor, a changed digit) no longer loads."""
+    from llmpack.formats import FormatError
+
+    raw = _mixed_pack(tmp_path / "m.llmpack").read_bytes()
+    _, _, hoff, _ = struct.unpack_from("<IIQQ", raw, 8)
+    text = raw[hoff:]
+    for old, new in [(b'"type":"f32"', b'"type":"f16"'), (b'"family":"test"', b'"family":"tesu"')]:
+        assert old in text
+        bad = raw[:hoff] + text.replace(old, new, 1)  # same length, still valid JSON
+        json.loads(bad[hoff:])
+        (tmp_path / "bad.llmpack").write_bytes(bad)
+        with pytest.raises(FormatError, match="header fails its checksum"):
+            Pack(tmp_path / "bad.llmpack")
+    flags = bytearray(raw)
+    flags[12] = 1
+    (tmp_path / "flags.llmpack").write_bytes(bytes(flags))
+    with pytest.raises(FormatError, match="reserved prefix bytes"):
+        Pack(tmp_path / "flags.llmpack")
+
+
+def test_a_folder_is_named_as_a_folder(tmp_path):
+    from llmpack.formats import FormatError
+
+    with pytest.raises(FormatError, match="is a folder, not an llmpack file; pass the .llmpack file"):
+        Pack(tmp_path)
+
+
+@pytest.mark.parametrize("shape", [[1] * 70 + [3], [2 ** 20, 2 ** 20, 2 ** 20], [3, 2 ** 41]])
+def test_absurd_shapes_are_refused_before_any_allocation(tmp_path, shape):
+    from llmpack.formats import FormatError
+
+    raw = _mixed_pack(tmp_path / "m.llmpack").read_bytes()
+    _, _, hoff, _ = struct.unpack_from("<IIQQ", raw, 8)
+    header = json.loads(raw[hoff:])
+    next(t for t in header["tensors"] if t["name"] == "f32")["shape"] = shape
+    blob = json.dumps(header).encode()
+    bad = bytearray(raw[:hoff] + blob)
+    struct.pack_into("<QI", bad, 24, len(blob), zlib.crc32(blob))
+    (tmp_path / "bad.llmpack").write_bytes(bytes(bad))
+    with pytest.raises(FormatError, match="tensor f32 (has an invalid shape|\\(data\\) holds)"):
+        Pack(tmp_path / "bad.llmpack")
+
+
+# -- killed writers -----------------------------------------------------------------------------------
+KILLED_WRITER = r"""
+import os, sys
+import numpy as np
+from llmpack.formats.writer import PackWriter
+
+stage = sys.argv[2]
+real_fsync = os.fsync
+
+def stop(*args):  # the parent kills this process (SIGKILL) once it has read the line
+    print("stopped", flush=True)
+    sys.stdin.read()
+
+if stage == "header":  # the header is on disk and synced; the prefix is not written yet
+    os.fsync = lambda fd: (real_fsync(fd), stop())
+with PackWriter(sys.argv[1]) as w:
+    w.add_array("x", np.ones((64, 64), np.float32), "f32")
+    w.add_blob("tok", b"{}")
+    if stage == "tensors":
+        stop()
+    w.finish({"model": {}, "tokenizer": {"kind": "hf_json", "blob": "tok"}})
+"""
+
+
+@pytest.mark.parametrize("stage", ["tensors", "header"])
+def test_a_killed_writer_leaves_no_pack_and_the_next_one_cleans_up(tmp_path, stage):
+    import signal
+    import subprocess
+    import sys
+
+    from llmpack.formats import FormatError
+
+    out = tmp_path / "a.llmpack"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out), stage], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "stopped\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    left = os.listdir(tmp_path)
+    assert left == [f".a.llmpack.tmp-{child.pid}.{left[0].rsplit('.', 1)[1]}"], left
+    temp = tmp_path / left[0]
+    assert temp.read_bytes()[:PREFIX_SIZE] == b"\0" * PREFIX_SIZE  # the header may be there, the magic is not
+    with pytest.raises(FormatError, match="not an llmpack file"):
+        Pack(temp)
+    live = tmp_path / f".a.llmpack.tmp-{os.getpid()}.abcd1234"  # a live writer's temporary stays
+    live.write_bytes(b"")
+    _write(out, [("x", "f32", (3,), {"data": np.ones(3, np.float32)}, None)])
+    assert sorted(os.listdir(tmp_path)) == sorted(["a.llmpack", live.name])
