@@ -429,3 +429,63 @@ def test_ctrl_c_stops_the_reply_and_returns_to_the_prompt(tmp_path):
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+# -- hostile templates: bounded, one clear error each ---------------------------------------------
+HOSTILE = {
+    "nested range loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                           "more than 1,000,000 loop iterations"),
+    "a huge string": ("{{ 'a' * 10**8 }}", "builds a string or list of 100,000,000"),
+    "a huge range": ("{% for i in range(10**9) %}{{ i }}{% endfor %}", "range(1000000000) of 1,000,000,000 numbers"),
+    "a huge width": ("{{ 'a'|center(1000000000) }}", "passes the number 1000000000"),
+    "a huge format width": ("{{ '{:>1000000000}'.format(1) }}", "width of a million"),
+    "a huge % width": ("{{ '%01000000000d' % 1 }}", "width of a million"),
+    "a huge join": ("{{ range(100000)|join('x' * 1000000) }}", "builds a string or list"),
+    "a huge replace": ("{{ ('a' * 1000000).replace('', 'bbbbbbbb') }}", "builds a string or list of 9,000,008"),
+    "doubling with +": ("{% set ns = namespace(x='a') %}{% for i in range(40) %}{% set ns.x = ns.x + ns.x %}"
+                        "{% endfor %}", "builds a string or list of 8,388,608"),
+    "doubling with ~": ("{% set ns = namespace(x='a') %}{% for i in range(40) %}{% set ns.x = ns.x ~ ns.x %}"
+                        "{% endfor %}", "produced more than"),
+    "a huge captured block": ("{% set b = 'a' * 4000000 %}{% set x %}{% for i in range(1000) %}{{ b }}{% endfor %}"
+                              "{% endset %}", "produced more than"),
+    "a huge output": ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "output passed 4,194,304"),
+    "a huge power": ("{{ 7 ** 100000 }}", "a number with bits"),
+    "endless recursion": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursed too deeply"),
+    "a type error": ("{{ 1 + 'a' }}", "failed to render: TypeError"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_templates_stop_with_one_clear_error(name):
+    from llmpack.runtime import chat_template
+
+    template, words = HOSTILE[name]
+    with pytest.raises(chat_template.TemplateError, match=re.escape(words)) as e:
+        chat_template.render(template, HISTORY, {"eos_token": "</s>"})
+    assert "\n" not in str(e.value)
+    # the next render of a good template is unaffected (the bounds are per render)
+    assert chat_template.render(QWEN_TEMPLATE, HISTORY, {}).startswith("<|im_start|>system")
+
+
+def test_template_render_time_is_bounded(monkeypatch):
+    """The wall-clock bound (set to 0 here so the test does not depend on the machine's speed)."""
+    from llmpack.runtime import chat_template
+
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.0)
+    with pytest.raises(chat_template.TemplateError, match="took more than 0 s to render"):
+        chat_template.render("{% for i in range(1000) %}{{ i }}{% endfor %}", HISTORY, {})
+
+
+def test_oversized_template_is_refused_before_parsing():
+    from llmpack.runtime import chat_template
+
+    big = "x" * (chat_template.MAX_TEMPLATE_CHARS + 1)
+    with pytest.raises(chat_template.TemplateError, match="131,073 characters .*refused unparsed"):
+        chat_template.render(big, HISTORY, {})
+
+
+def test_a_hostile_template_leaves_the_chat_session_running(tmp_path):
+    _, pack = _chat_pack(tmp_path, template="{{ 'a' * 10**8 }}")
+    replies, err = run_chat(pack, ["hi", "/reset", "hello world"], "-n", "2", "--backend", "numpy", timeout=120)
+    assert replies == ["", ""]  # one (empty) line per message, exit 0
+    assert err.count("builds a string or list of 100,000,000") == 2 and "Traceback" not in err

@@ -6,13 +6,14 @@ import shutil
 import struct
 import subprocess
 import sys
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from llmpack.formats import FormatError, Pack
+from llmpack.formats import FORMAT_VERSION, FormatError, Pack
 from tiny_models import make_tiny
 
 
@@ -47,13 +48,17 @@ def header_of(raw):
     return json.loads(raw[hoff:hoff + hlen])
 
 
-def with_header(raw, header):
-    """Same data region, a new JSON header, and the prefix's header length fixed up."""
+def with_blob(raw, blob: bytes):
+    """Same data region, new header bytes, and the prefix's header length and CRC32 fixed up (so
+    what is tested is the header's content, not its checksum)."""
     _, _, hoff, _ = prefix(raw)
-    blob = json.dumps(header).encode()
     out = bytearray(raw[:hoff] + blob)
-    struct.pack_into("<Q", out, 24, len(blob))
+    struct.pack_into("<QI", out, 24, len(blob), zlib.crc32(blob))
     return bytes(out)
+
+
+def with_header(raw, header):
+    return with_blob(raw, json.dumps(header).encode())
 
 
 def mutate_header(raw, fn):
@@ -153,7 +158,7 @@ def flip_in_tensor(raw):
 
 def future_version(raw):
     raw = bytearray(raw)
-    struct.pack_into("<I", raw, 8, 2)
+    struct.pack_into("<I", raw, 8, FORMAT_VERSION + 1)
     return bytes(raw)
 
 
@@ -200,8 +205,10 @@ CASES = {
                                 pack_setup(lambda r: b"GGUF\x03\x00\x00\x00" + r[8:])),
     "wrong-magic-generate": Case(["generate", BAD, *GEN], ("not an llmpack file",),
                                  pack_setup(lambda r: b"GGUF\x03\x00\x00\x00" + r[8:])),
-    "future-version-inspect": Case(["inspect", BAD], ("version 2", "newer", "upgrade"), pack_setup(future_version)),
-    "future-version-generate": Case(["generate", BAD, *GEN], ("version 2", "upgrade"), pack_setup(future_version)),
+    "future-version-inspect": Case(["inspect", BAD], (f"version {FORMAT_VERSION + 1}", "newer", "upgrade"),
+                                 pack_setup(future_version)),
+    "future-version-generate": Case(["generate", BAD, *GEN], (f"version {FORMAT_VERSION + 1}", "upgrade"),
+                                   pack_setup(future_version)),
     "offset-past-end-inspect": Case(["inspect", BAD], ("final_norm.weight", "outside"), pack_setup(offset_past_end)),
     "offset-past-end-generate": Case(["generate", BAD, *GEN], ("final_norm.weight", "outside"),
                                      pack_setup(offset_past_end)),
@@ -325,11 +332,64 @@ MALFORMED = {
     "quantized without group": lambda raw: mutate_header(raw, lambda h: tensor(h, "embed.weight").update(type="q8")),
     "group size a string": lambda raw: mutate_header(raw, lambda h: tensor(h, "embed.weight").update(
         type="q8", group_size="32")),
-    "header not utf-8": lambda raw: with_header(raw, {}).replace(b"{}", b"\xff\xfe"),
-    "header deeply nested": lambda raw: with_header(raw, {}).replace(b"{}", b"[" * 100000 + b"]" * 100000),
+    "header not utf-8": lambda raw: with_blob(raw, b"\xff\xfe"),
+    "header deeply nested": lambda raw: with_blob(raw, b"[" * 100000 + b"]" * 100000),
+    "header checksum wrong": lambda raw: raw[:32] + bytes([raw[32] ^ 1]) + raw[33:],
+    "unknown top-level field": lambda raw: mutate_header(raw, _set("modle", {})),
+    "no min_reader": lambda raw: mutate_header(raw, lambda h: h.pop("min_reader")),
+    "min_reader a number": lambda raw: mutate_header(raw, _set("min_reader", 0.2)),
+    "config a list": lambda raw: mutate_header(raw, _set("config", [])),
+    "generation a string": lambda raw: mutate_header(raw, _set("generation", "greedy")),
+    "generation a list": lambda raw: mutate_header(raw, _set("generation", [1])),
+    "eos_token_id nested": lambda raw: mutate_header(raw, lambda h: h["generation"].update(eos_token_id=[[1, 2]])),
+    "eos_token_id a string": lambda raw: mutate_header(raw, lambda h: h["generation"].update(eos_token_id="</s>")),
+    "eos_token_id negative": lambda raw: mutate_header(raw, lambda h: h["generation"].update(eos_token_id=-1)),
+    "eos_token_id huge": lambda raw: mutate_header(raw, lambda h: h["generation"].update(eos_token_id=10 ** 30)),
+    "temperature NaN": lambda raw: mutate_header(raw, lambda h: h["generation"].update(temperature=float("nan"))),
+    "temperature a string": lambda raw: mutate_header(raw, lambda h: h["generation"].update(temperature="0.7")),
+    "do_sample a number": lambda raw: mutate_header(raw, lambda h: h["generation"].update(do_sample=1)),
+    "top_k huge": lambda raw: mutate_header(raw, lambda h: h["generation"].update(top_k=10 ** 400)),
+    "provenance a string": lambda raw: mutate_header(raw, _set("provenance", "me")),
+    "provenance source a list": lambda raw: mutate_header(raw, lambda h: h["provenance"].update(source=[])),
+    "quality an object": lambda raw: mutate_header(raw, _set("quality", {})),
+    "quality holds numbers": lambda raw: mutate_header(raw, _set("quality", [1])),
+    "tokenizer kind missing": lambda raw: mutate_header(raw, lambda h: h["tokenizer"].pop("kind")),
+    "tokenizer blob key missing": lambda raw: mutate_header(raw, lambda h: h["tokenizer"].pop("blob")),
+    "tokenizer kind unknown": lambda raw: mutate_header(raw, lambda h: h["tokenizer"].update(kind="bpe")),
+    "tokenizer unknown field": lambda raw: mutate_header(raw, lambda h: h["tokenizer"].update(blobb="x")),
+    "special a list": lambda raw: mutate_header(raw, lambda h: h["tokenizer"].update(special=["<s>"])),
+    "special a string": lambda raw: mutate_header(raw, lambda h: h["tokenizer"].update(special="<s>")),
+    "special token a number": lambda raw: mutate_header(raw, lambda h: h["tokenizer"]["special"].update(
+        eos_token=2)),
+    "special token an object": lambda raw: mutate_header(raw, lambda h: h["tokenizer"]["special"].update(
+        bos_token={"content": "<s>"})),
+    "add_bos a string": lambda raw: mutate_header(raw, lambda h: h["tokenizer"].update(add_bos="yes")),
+    "chat_template a number": lambda raw: mutate_header(raw, lambda h: h["tokenizer"].update(chat_template=5)),
+    "chat_template a list": lambda raw: mutate_header(raw, lambda h: h["tokenizer"].update(chat_template=["x"])),
+    "added_tokens junk": lambda raw: mutate_header(raw, lambda h: h["tokenizer"].update(added_tokens=[[1, 2]])),
+    "decoder a string": lambda raw: mutate_header(raw, lambda h: h["tokenizer"].update(decoder="bytes")),
+    "shape padded with 70 ones": lambda raw: mutate_header(raw, lambda h: tensor(h, "embed.weight").update(
+        shape=[1] * 70 + tensor(h, "embed.weight")["shape"])),
+    "shape of a terabyte": lambda raw: mutate_header(raw, lambda h: tensor(h, "embed.weight").update(
+        shape=[2 ** 20, 2 ** 18])),
     "header length huge": lambda raw: raw[:24] + struct.pack("<Q", 2 ** 63) + raw[32:],
     "header offset inside the prefix": lambda raw: raw[:16] + struct.pack("<Q", 8) + raw[24:],
 }
+
+
+# The field each schema error must name (formats/schema.py).
+NAMED = {"header checksum wrong": "header fails its checksum", "unknown top-level field": "modle",
+         "no min_reader": "min_reader", "min_reader a number": "min_reader", "config a list": "config",
+         "generation a string": "generation", "eos_token_id nested": "generation.eos_token_id[0]",
+         "eos_token_id a string": "generation.eos_token_id", "eos_token_id huge": "generation.eos_token_id",
+         "temperature NaN": "generation.temperature", "do_sample a number": "generation.do_sample",
+         "top_k huge": "generation.top_k", "provenance source a list": "provenance.source",
+         "quality holds numbers": "quality[0]", "tokenizer kind missing": "tokenizer.kind",
+         "tokenizer blob key missing": "tokenizer.blob", "tokenizer kind unknown": "tokenizer.kind",
+         "tokenizer unknown field": "tokenizer.blobb", "special a list": "tokenizer.special",
+         "special token a number": "tokenizer.special.eos_token", "add_bos a string": "tokenizer.add_bos",
+         "chat_template a number": "tokenizer.chat_template", "added_tokens junk": "tokenizer.added_tokens[0]",
+         "shape padded with 70 ones": "embed.weight", "shape of a terabyte": "embed.weight"}
 
 
 @pytest.mark.parametrize("what", MALFORMED)
@@ -340,6 +400,8 @@ def test_malformed_header_is_a_format_error(work, tmp_path, what):
         Pack(path)
     assert str(path) in str(info.value)
     assert "\n" not in str(info.value)
+    assert NAMED.get(what, "") in str(info.value)
+    assert "malformed header" not in str(info.value)  # a schema error, not the catch-all for a raw exception
 
 
 def test_random_damage_never_escapes_as_another_exception(work, tmp_path):
