@@ -7,6 +7,8 @@ from pathlib import Path
 
 from llmpack.formats.errors import LlmpackError
 
+from .checks import check_finite
+
 
 class Checkpoint:
     """A validated checkpoint folder. Tensors are read one at a time (safetensors' lazy reader)."""
@@ -80,7 +82,9 @@ class Checkpoint:
         t = self._handles[self.tensor_names()[name]].get_tensor(name)
         if t.dtype in (torch.float16, torch.bfloat16, torch.float64):
             t = t.float()
-        return t.numpy()
+        arr = t.numpy()
+        check_finite(name, arr)  # NaN/Inf weights: refused while streaming, naming the tensor
+        return arr
 
     def dtypes(self) -> set[str]:
         out = set()

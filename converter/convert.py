@@ -20,7 +20,7 @@ from llmpack.formats.errors import LlmpackError
 from llmpack.formats.writer import PackWriter
 
 from . import stream as stream_mod
-from . import tokenizer_files
+from . import checks, tokenizer_files
 from .checkpoint import Checkpoint
 from .describe import describe, family_for, load_config
 from .quantize import calib as calib_mod
@@ -52,13 +52,16 @@ def read(src, recipe: Recipe) -> Source:
     mt, fam = family_for(ckpt.config_dict)
     cfg = load_config(ckpt)
     tok = tokenizer_files.collect(ckpt)
+    checks.check_tokenizer(ckpt, tok[0], tok[2], _generation(ckpt))
     plan = plan_names(ckpt, fam, mt)
     model, extra = describe(mt, fam, cfg, any(c == "head.weight" for _, c, _ in plan))
     if model["tied_head"]:
         plan = [p for p in plan if not p[1].startswith("head.weight")]
     plan.sort(key=lambda p: order_key(p[1]))
+    checks.check_layers(model, {c for _, c, _ in plan})
     _check_complete(model, fam, {c for _, c, _ in plan})
     shapes, hf_of = canonical_shapes(ckpt, plan)
+    checks.check_shapes(model, shapes, hf_of)
     recipe.structure.check_model(model, shapes, mt)
     return Source(ckpt, mt, fam, model, extra, plan, shapes, hf_of, tok)
 
@@ -137,8 +140,7 @@ def _header(r: Source, recipe: Recipe, calib_info, done: list, allocation) -> di
         "model": r.model,
         "config": r.ckpt.config_dict,
         "tokenizer": r.tokenizer[0],
-        "generation": {k: v for k, v in r.ckpt.json_file("generation_config.json").items()
-                       if k != "transformers_version"},
+        "generation": _generation(r.ckpt),
         "provenance": {
             "converter": __version__,
             "source": r.ckpt.sha256_files(),
@@ -223,6 +225,10 @@ def _bits_per_weight(writer) -> float:
             total += 8 * sum(n for _off, n, _crc in t["parts"].values())
             elems += t["shape"][0] * t["shape"][1]
     return total / max(elems, 1)
+
+
+def _generation(ckpt) -> dict:
+    return {k: v for k, v in ckpt.json_file("generation_config.json").items() if k != "transformers_version"}
 
 
 def _check_complete(model: dict, fam, present: set[str]):

@@ -42,8 +42,8 @@ def check_header(header: dict, path) -> None:
     f.typed("model", header["model"], dict)
     f.typed("tensors", header["tensors"], list)
     f.typed("config", header.get("config", {}), dict)
-    _check_tokenizer(f, header["tokenizer"])
-    _check_generation(f, header.get("generation", {}))
+    check_tokenizer_section(header["tokenizer"], path)
+    check_generation_section(header.get("generation", {}), path)
     _check_provenance(f, header.get("provenance", {}))
     quality = header.get("quality", [])
     f.typed("quality", quality, list)
@@ -51,7 +51,9 @@ def check_header(header: dict, path) -> None:
         f.typed(f"quality[{i}]", q, dict)
 
 
-def _check_tokenizer(f: "_Fields", tok):
+def check_tokenizer_section(tok, path):
+    """The `tokenizer` section (also run by the converter before it writes anything)."""
+    f = _Fields(path)
     f.typed("tokenizer", tok, dict)
     if not tok:  # a format-only file (tests, tools): no tokenizer; the runtime refuses to load it
         return
@@ -85,22 +87,17 @@ def _check_tokenizer(f: "_Fields", tok):
         f.typed(name + "[2]", entry[2], bool)
 
 
-def _check_generation(f: "_Fields", gen):
-    """generation_config.json as converted; the fields the runtime uses are typed and ranged."""
+def check_generation_section(gen, path):
+    """generation_config.json as converted: the fields the runtime uses are typed and ranged (the
+    others, e.g. pad_token_id, which some checkpoints set to -1, are the source's business)."""
+    f = _Fields(path)
     f.typed("generation", gen, dict)
-    eos = gen.get("eos_token_id")
+    eos = gen.get("eos_token_id")  # a negative id (seen in old configs) never matches: harmless
     if isinstance(eos, list):
         for i, x in enumerate(eos):
-            f.integer(f"generation.eos_token_id[{i}]", x, 0, MAX_TOKEN_ID)
+            f.integer(f"generation.eos_token_id[{i}]", x, -MAX_TOKEN_ID - 1, MAX_TOKEN_ID)
     elif eos is not None:
-        f.integer("generation.eos_token_id", eos, 0, MAX_TOKEN_ID)
-    for key in ("bos_token_id", "pad_token_id"):
-        x = gen.get(key)
-        if isinstance(x, list):
-            for i, y in enumerate(x):
-                f.integer(f"generation.{key}[{i}]", y, 0, MAX_TOKEN_ID)
-        elif x is not None:
-            f.integer(f"generation.{key}", x, 0, MAX_TOKEN_ID)
+        f.integer("generation.eos_token_id", eos, -MAX_TOKEN_ID - 1, MAX_TOKEN_ID)
     if "do_sample" in gen:
         f.typed("generation.do_sample", gen["do_sample"], bool)
     if gen.get("temperature") is not None:

@@ -343,7 +343,7 @@ MALFORMED = {
     "generation a list": lambda raw: mutate_header(raw, _set("generation", [1])),
     "eos_token_id nested": lambda raw: mutate_header(raw, lambda h: h["generation"].update(eos_token_id=[[1, 2]])),
     "eos_token_id a string": lambda raw: mutate_header(raw, lambda h: h["generation"].update(eos_token_id="</s>")),
-    "eos_token_id negative": lambda raw: mutate_header(raw, lambda h: h["generation"].update(eos_token_id=-1)),
+    "eos_token_id a float": lambda raw: mutate_header(raw, lambda h: h["generation"].update(eos_token_id=2.0)),
     "eos_token_id huge": lambda raw: mutate_header(raw, lambda h: h["generation"].update(eos_token_id=10 ** 30)),
     "temperature NaN": lambda raw: mutate_header(raw, lambda h: h["generation"].update(temperature=float("nan"))),
     "temperature a string": lambda raw: mutate_header(raw, lambda h: h["generation"].update(temperature="0.7")),
