@@ -20,6 +20,7 @@ the rest is prefilled (--stats shows how many).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -225,6 +226,42 @@ def _interactive(session: ChatSession, args) -> int:
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:
         pass
+    with _no_flush_on_interrupt(sys.stdin):
+        return _conversation(session, args)
+
+
+@contextlib.contextmanager
+def _no_flush_on_interrupt(stream):
+    """Set the terminal's NOFLSH while chatting (restored on exit).
+
+    Without it, Ctrl-C makes the terminal driver send SIGINT *and then* discard the output not yet
+    read by the terminal (Linux n_tty isig(): signal first, flush second). Under load the chat
+    process can catch the signal and write "[reply stopped]" before that flush runs, and the
+    marker is thrown away: the prompt came back without it (a flaky test). The flush would also
+    drop reply text already written, which the history records as shown. With NOFLSH nothing
+    written is discarded.
+    """
+    try:
+        import termios
+
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd)
+        changed = list(saved)
+        changed[3] |= termios.NOFLSH
+        termios.tcsetattr(fd, termios.TCSANOW, changed)
+    except (ImportError, OSError, ValueError, AttributeError):  # no termios, or not a terminal
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+        except OSError:
+            pass
+
+
+def _conversation(session: ChatSession, args) -> int:
     out = sys.stdout
     name = session.model.header.get("config", {}).get("model_type", "model")
     print(f"llmpack chat: {name}, context {session.model.context_length} tokens. {COMMANDS_HELP}.",

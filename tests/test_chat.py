@@ -410,6 +410,11 @@ def test_ctrl_c_stops_the_reply_and_returns_to_the_prompt(tmp_path):
                           env=ENV, encoding="utf-8", timeout=30, dimensions=(40, 200))
     try:
         child.expect_exact(">>> ")
+        # Ctrl-C must not flush the terminal's output: the driver signals first and flushes second,
+        # so a fast "[reply stopped]" could be discarded (the race this test once lost under load)
+        import termios
+
+        assert termios.tcgetattr(child.child_fd)[3] & termios.NOFLSH
         child.sendline("hello world")
         child.expect(r"hello world\r\n")  # the echo of the line
         child.expect(r"\S")  # the first piece of the reply
