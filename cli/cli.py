@@ -49,16 +49,18 @@ def main(argv=None) -> int:
             return 2
         raise
     try:
-        return module.main(argv[1:]) or 0
+        status = module.main(argv[1:]) or 0
+        sys.stdout.flush()  # a closed pipe surfaces here, not as "Exception ignored" at exit
+        return status
     except LlmpackError as e:
         print(f"llmpack {cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `llmpack generate ... | head`: stop quietly (as the Python docs advise)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    except BrokenPipeError:  # e.g. `llmpack inspect --tensors F | head -1`: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the Python docs' advice)
+        return 128 + 13  # the status a shell shows for a tool that SIGPIPE ended (141)
     except Exception as e:  # noqa: BLE001 — a bug or an input we do not check yet: still one line
         if os.environ.get("LLMPACK_DEBUG"):
             raise

@@ -60,7 +60,8 @@ def main(argv) -> int:
                                 epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help=".llmpack file")
     p.add_argument("-p", "--prompt", required=True, help="text to continue")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=128)
+    p.add_argument("-n", "--max-new-tokens", type=int, default=128,
+                   help="most new tokens to generate (default 128; fewer if the model ends its text)")
     add_sampling_args(p)
     add_backend_args(p)
     args = p.parse_args(argv)

@@ -16,7 +16,7 @@ EXAMPLE = """examples:
 def main(argv) -> int:
     p = argparse.ArgumentParser(prog="llmpack inspect", description=__doc__.split("—")[1].strip(),
                                 epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("file")
+    p.add_argument("file", help=".llmpack file")
     p.add_argument("--verify", action="store_true", help="check every tensor's CRC32")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     p.add_argument("--json", action="store_true", help="print the raw header as JSON")
@@ -38,7 +38,10 @@ def main(argv) -> int:
     emb = pack.tensors["embed.weight"]["shape"] if "embed.weight" in pack.tensors else ["?", "?"]
     vocab, hidden = (emb + ["?", "?"])[:2]
     print(f"size        vocab {vocab}  hidden {hidden}  parameters {n_params / 1e6:.1f} M  "
-          f"bits/weight {8 * size / max(n_params, 1):.2f}")
+          f"file {8 * size / max(n_params, 1):.2f} bits/parameter (every byte of the file over every parameter)")
+    print(f"weights     {_matrix_bits(h['tensors']):.3f} bits/weight over the 2-D weight matrices (codes, f16 scales "
+          f"and zero points counted; norms, biases, tables and the tokenizer not)"
+          + (f"; the converter recorded {prov_bpw}" if (prov_bpw := _recorded_bpw(h)) is not None else ""))
     by_type = Counter()
     for t in h["tensors"]:
         by_type[t["type"]] += sum(part[1] for part in t["parts"].values())
@@ -46,9 +49,8 @@ def main(argv) -> int:
     tok = h["tokenizer"]
     print(f"tokenizer   {tok.get('kind')}  specials {tok.get('special', {})}  "
           f"chat template {'yes' if tok.get('chat_template') else 'no'}")
-    prov = h.get("provenance") if isinstance(h.get("provenance"), dict) else {}
-    print(f"provenance  converter {prov.get('converter')}  options {prov.get('options')}  "
-          f"source dtypes {prov.get('source_dtypes')}  {len(prov.get('source', {}))} source files hashed")
+    for line in _provenance_lines(h.get("provenance") or {}):
+        print(line)
     recipe = h.get("recipe") if isinstance(h.get("recipe"), list) else []
     if recipe:
         print("recipe      " + " -> ".join(_step_text(r) for r in recipe if isinstance(r, dict)))
@@ -65,6 +67,44 @@ def main(argv) -> int:
             g = f" g{t['group_size']}" if t.get("group_size") else ""
             print(f"  {t['name']:<40} {t['type']:<5}{g:<5} {str(tuple(t['shape'])):<18} {nbytes:>12,d} B")
     return 0
+
+
+def _matrix_bits(tensors) -> float:
+    """Storage bits per element of the 2-D weight matrices (embedding, linears, head), as the
+    converter's provenance bits_per_weight counts them: all parts of each tensor, so quantized
+    matrices include their f16 scales and packed zero points."""
+    mats = [t for t in tensors if len(t["shape"]) == 2 and t["type"] != "u8" and not t["name"].startswith("rope.")]
+    numel = sum(_numel(t["shape"]) for t in mats)
+    return 8 * sum(part[1] for t in mats for part in t["parts"].values()) / max(numel, 1)
+
+
+def _recorded_bpw(h):
+    options = (h.get("provenance") or {}).get("options")
+    return options.get("bits_per_weight") if isinstance(options, dict) else None
+
+
+def _provenance_lines(prov: dict) -> list[str]:
+    """The provenance record as a few labelled lines instead of one raw dict."""
+    lines = [f"provenance  converter {prov.get('converter', '?')}"
+             + (f", {prov['seconds']:.1f} s" if isinstance(prov.get("seconds"), (int, float)) else "")
+             + f"; source: {len(prov.get('source') or {})} files hashed (sha256), weights in "
+             + ", ".join(map(str, prov.get("source_dtypes") or ["?"]))]
+    options = dict(prov.get("options") or {})
+    calibration = options.pop("calibration", None)
+    shown = {k: v for k, v in options.items() if v not in (None, [], {})}
+    if shown:
+        lines.append("  options   " + "  ".join(f"{k} {_compact(v)}" for k, v in shown.items()))
+    if isinstance(calibration, dict):
+        lines.append(f"  calibration  {calibration.get('text')}: {calibration.get('samples')} samples x "
+                     f"{calibration.get('seqlen')} tokens (sha256 {str(calibration.get('sha256', ''))[:12]}…)")
+    allocation = prov.get("allocation")
+    if isinstance(allocation, dict):
+        lines.append("  allocation  " + "  ".join(f"{k} {_compact(v)}" for k, v in allocation.items()))
+    return lines
+
+
+def _compact(v) -> str:
+    return v if isinstance(v, str) else json.dumps(v, separators=(",", ":"))
 
 
 def _numel(shape):
