@@ -78,6 +78,14 @@ def _paths(node, path=()):
             yield from _paths(v, path + (i,))
 
 
+def model_owned(path) -> bool:
+    """Nodes whose edits the model description (formats/blocks.py) must catch: the `model` section,
+    tensor names, and whole tensor entries (deleting one drops a tensor). The reader's schema and
+    directory checks own the rest."""
+    return path[0] == "model" or (path[0] == "tensors" and (len(path) == 2 or (len(path) == 3
+                                                                               and path[2] == "name")))
+
+
 def _get(node, path):
     for key in path:
         node = node[key]
@@ -123,9 +131,10 @@ class Fuzzer:
     runs (numpy: every case; onnxruntime: a subset, it builds a graph per load)."""
 
     def __init__(self, packs: dict[str, Path], workdir: Path, seed: int = 0, seconds_per_case: float = 20.0,
-                 memory_mb: float = 1024.0, ort_every: int = 0, sections=None, kinds=("flip", "flip", "truncate",
-                                                                                    "json", "json", "json")):
-        """sections: the top-level header keys json edits may touch (None: all of them)."""
+                 memory_mb: float = 1024.0, ort_every: int = 0, scope: str | None = None,
+                 kinds=("flip", "flip", "truncate", "json", "json", "json")):
+        """scope of the json edits: None (every node), "format" (all but the model description's
+        part, see model_owned) or "model" (only that part)."""
         from llmpack.runtime.model import load
 
         self.load = load
@@ -142,7 +151,7 @@ class Fuzzer:
             ref = {"numpy": self._run(path, "numpy")}
             if ort_every:
                 ref["onnxruntime"] = self._run(path, "onnxruntime")
-            paths = [p for p in _paths(header) if sections is None or p[0] in sections]
+            paths = [p for p in _paths(header) if scope is None or (scope == "model") == model_owned(p)]
             self.packs[name] = {"raw": raw, "header": header, "paths": paths, "ref": ref}
         self.memory_limit = _peak_rss_mb() + memory_mb
         self.count = 0
