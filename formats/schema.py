@@ -1,7 +1,7 @@
 """The one schema of the JSON header's sections, checked by the reader before any backend sees them.
 
 Covered here: the top-level keys, `min_reader`, `tokenizer`, `generation`, `provenance`,
-`quality` and `config`. The tensor directory is checked by reader._check_directory (it needs
+`quality`, `recipe` and `config`. The tensor directory is checked by reader._check_directory (it needs
 the file's layout), the `model` section and the tensor names it expects by the model
 description (the reader's `_check_model` hook). Every violation is one FormatError naming the
 field, e.g. "header field tokenizer.special.eos_token is a JSON number, expected a string or
@@ -18,7 +18,7 @@ import math
 from .errors import FormatError
 
 REQUIRED = ("format_version", "min_reader", "model", "tokenizer", "tensors")
-OPTIONAL = ("config", "generation", "provenance", "quality")
+OPTIONAL = ("config", "generation", "provenance", "quality", "recipe")
 
 TOKENIZER_KINDS = ("hf_json", "sentencepiece")
 SENTENCEPIECE_PREPEND = ("first", "always", "never", "spm")
@@ -45,10 +45,11 @@ def check_header(header: dict, path) -> None:
     check_tokenizer_section(header["tokenizer"], path)
     check_generation_section(header.get("generation", {}), path)
     _check_provenance(f, header.get("provenance", {}))
-    quality = header.get("quality", [])
-    f.typed("quality", quality, list)
-    for i, q in enumerate(quality):
-        f.typed(f"quality[{i}]", q, dict)
+    for key in ("quality", "recipe"):  # measured reports; the converter's steps, in order
+        items = header.get(key, [])
+        f.typed(key, items, list)
+        for i, q in enumerate(items):
+            f.typed(f"{key}[{i}]", q, dict)
 
 
 def check_tokenizer_section(tok, path):
