@@ -22,6 +22,7 @@ from tiny_models import make_tiny
 
 from llmpack.formats import FormatError
 
+BIG_INT_PENDING = "formats/blocks.py _is_kind('num') calls math.isfinite on a huge int: OverflowError, not FormatError"
 ORT_PENDING = "onnxruntime backend reads context_length before formats/blocks.py's check (raw KeyError)"
 
 
@@ -88,6 +89,7 @@ MODEL_ESCAPES = {
     "tied_head true with a head tensor present": lambda h: h["model"].update(tied_head=True),
     "window of 2**64": lambda h: h["model"]["layers"][0].update(window=2 ** 64),
     "missing context_length": lambda h: h["model"].pop("context_length"),
+    "attn_scale of 10**400": lambda h: h["model"].update(attn_scale=10 ** 400),
 }
 
 
@@ -96,6 +98,8 @@ MODEL_ESCAPES = {
 def test_model_section_escapes_are_refused_at_load(packs, tmp_path, what, backend, request):
     if backend == "onnxruntime" and what == "missing context_length":
         request.applymarker(pytest.mark.xfail(strict=True, reason=ORT_PENDING))
+    if what == "attn_scale of 10**400":  # found by tools/fuzz.py (100,000 cases, seed 7)
+        request.applymarker(pytest.mark.xfail(strict=True, reason=BIG_INT_PENDING))
     from llmpack.runtime import load
 
     path = _edited(packs, tmp_path, MODEL_ESCAPES[what])
