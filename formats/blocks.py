@@ -352,7 +352,12 @@ _KIND_TEXT = {str: "a string", bool: "a boolean", dict: "an object", list: "a li
 
 def _is_kind(x, kind) -> bool:
     if kind == "num":
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            return False
+        try:
+            return math.isfinite(x)
+        except OverflowError:  # an integer beyond float range (JSON allows 10**400)
+            return False
     if kind == "num?":
         return x is None or _is_kind(x, "num")
     if kind == "count":

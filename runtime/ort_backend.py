@@ -112,11 +112,11 @@ class OrtBackend:
         self.pack = pack
         m = pack.header["model"]
         self.m = m
-        self.context_length = m["context_length"]
         self.threads = threads or physical_cores()
         self.accuracy_level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
         t0 = time.perf_counter()
-        self.graph = build_decoder(pack, accuracy_level=self.accuracy_level, fuse=fuse)
+        self.graph = build_decoder(pack, accuracy_level=self.accuracy_level, fuse=fuse)  # validates the header
+        self.context_length = m["context_length"]
         self.vocab_size = self.graph.vocab_size
         self.layer_shapes = self.graph.layers
         self.build_seconds = time.perf_counter() - t0

@@ -22,8 +22,6 @@ from tiny_models import make_tiny
 
 from llmpack.formats import FormatError
 
-BIG_INT_PENDING = "formats/blocks.py _is_kind('num') calls math.isfinite on a huge int: OverflowError, not FormatError"
-ORT_PENDING = "onnxruntime backend reads context_length before formats/blocks.py's check (raw KeyError)"
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +93,7 @@ MODEL_ESCAPES = {
 
 @pytest.mark.parametrize("backend", ["numpy", pytest.param("onnxruntime", id="onnxruntime")])
 @pytest.mark.parametrize("what", MODEL_ESCAPES)
-def test_model_section_escapes_are_refused_at_load(packs, tmp_path, what, backend, request):
-    if backend == "onnxruntime" and what == "missing context_length":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=ORT_PENDING))
-    if what == "attn_scale of 10**400":  # found by tools/fuzz.py (100,000 cases, seed 7)
-        request.applymarker(pytest.mark.xfail(strict=True, reason=BIG_INT_PENDING))
+def test_model_section_escapes_are_refused_at_load(packs, tmp_path, what, backend):
     from llmpack.runtime import load
 
     path = _edited(packs, tmp_path, MODEL_ESCAPES[what])
