@@ -11,6 +11,7 @@ EXAMPLE = """examples:
   llmpack convert ./Qwen2.5-Coder-0.5B-Instruct -o qwen05-q4.llmpack --bits 4 --method gptq --eval
   llmpack convert SRC -o q4.llmpack --bits 4 --method awq+gptq --keep head=8 --eval-text standards.txt
   llmpack convert SRC -o mixed.llmpack --target-bpw 3.5 --method gptq
+  llmpack convert SRC -o sparse.llmpack --bits 4 --method gptq --sparsity 2:4
 
 methods: rtn (round to nearest, clipping range searched per group; no calibration),
 gptq (layer by layer on calibration activations), awq (activation-aware scales + RTN),
@@ -46,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--target-bpw: keep the measured per-tensor sensitivity in FILE and reuse it when "
                         "FILE matches this checkpoint, calibration and options (another target then skips "
                         "the measurement, like llama.cpp's --imatrix)")
-    c = p.add_argument_group("calibration (gptq, awq, --target-bpw)")
+    q.add_argument("--sparsity", metavar="S",
+                   help="prune the decoder layers' weights (embedding and head stay dense), stored so the file "
+                        "really shrinks: a fraction in (0, 1) (unstructured, e.g. 0.5) or 2:4; needs --bits; "
+                        "Wanda-style selection, SparseGPT-style with --method gptq; calibrates")
+    c = p.add_argument_group("calibration (gptq, awq, --target-bpw, --sparsity)")
     c.add_argument("--calib", metavar="FILE", help="calibration text file (default: the shipped text)")
     c.add_argument("--calib-samples", type=_int, default=16, help="calibration windows (default 16)")
     c.add_argument("--calib-seqlen", type=_int, default=512, help="tokens per calibration window (default 512)")
@@ -96,5 +101,5 @@ def main(argv) -> int:
             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
             symmetric=args.symmetric, act_order=not args.no_act_order, damp=args.damp,
             eval_text=eval_text, eval_windows=args.eval_windows, eval_ctx=args.eval_ctx,
-            sensitivity_file=args.sensitivity)
+            sensitivity_file=args.sensitivity, sparsity=args.sparsity)
     return 0

@@ -101,7 +101,8 @@ def convert(src, out, dtype: str = "f16", group_size: int | None = None, quiet: 
             bits: int | None = None, method: str = "rtn", keep=(), target_bpw: float | None = None,
             calib=None, calib_samples: int = 16, calib_seqlen: int = 512, seed: int = 0,
             symmetric: bool | None = None, act_order: bool = True, damp: float = 0.01,
-            eval_text=None, eval_windows: int = 16, eval_ctx: int = 512, sensitivity_file=None) -> dict:
+            eval_text=None, eval_windows: int = 16, eval_ctx: int = 512, sensitivity_file=None,
+            sparsity=None) -> dict:
     """Convert; returns the written header. Raises LlmpackError on bad input (nothing written).
 
     Plain: dtype f32/f16/bf16 (q8 = bits 8, RTN). Quantized: `bits` (8/4/3/2) for every weight
@@ -121,7 +122,7 @@ def convert(src, out, dtype: str = "f16", group_size: int | None = None, quiet: 
                         method=method, symmetric=symmetric,
                         keep=list(keep or ()), target_bpw=target_bpw, calib=None if calib is None else str(calib),
                         calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
-                        act_order=act_order, damp=damp)
+                        act_order=act_order, damp=damp, sparsity=sparsity)
     opts.validate()
     if sensitivity_file is not None:
         if target_bpw is None:
@@ -250,7 +251,7 @@ def _read_header(path) -> dict:
 
 def _bits_per_weight(types: dict, shapes: dict, opts) -> float:
     """Average storage bits per element of the weight matrices (scales and zero points counted)."""
-    total_bits = sum(kind_bits(kind, shapes[name], opts) for name, kind in types.items())
+    total_bits = sum(kind_bits(kind, shapes[name], opts, name) for name, kind in types.items())
     return total_bits / max(sum(shapes[n][0] * shapes[n][1] for n in types), 1)
 
 

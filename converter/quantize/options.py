@@ -5,7 +5,9 @@ import re
 from dataclasses import dataclass, field
 
 from llmpack.formats.errors import LlmpackError
-from llmpack.formats.spec import GROUP_SIZES, quantized_nbytes
+from llmpack.formats.spec import GROUP_SIZES, bits_per_weight, quantized_nbytes, sparse_type
+
+from . import sparsity as sparsity_mod
 
 BITS = (8, 4, 3, 2)
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
@@ -30,9 +32,11 @@ class QuantOptions:
     seed: int = 0
     act_order: bool = True
     damp: float = 0.01
+    sparsity: str | None = None  # --sparsity: "0.5" (unstructured) or "2:4"; see quantize/sparsity.py
 
     def __post_init__(self):
         self._keep = []
+        self.sparse = None  # the parsed sparsity.Sparsity, set by validate()
 
     @property
     def quantized(self) -> bool:
@@ -40,7 +44,7 @@ class QuantOptions:
 
     @property
     def calibrated(self) -> bool:
-        return self.quantized and (self.method != "rtn" or self.target_bpw is not None)
+        return self.quantized and (self.method != "rtn" or self.target_bpw is not None or self.sparsity is not None)
 
     @property
     def uses_gptq(self) -> bool:
@@ -63,6 +67,10 @@ class QuantOptions:
             raise LlmpackError(f"--method {self.method!r} is not supported; choose one of {', '.join(METHODS)}")
         if self.method != "rtn" and not self.quantized:
             raise LlmpackError(f"--method {self.method} needs --bits or --target-bpw")
+        self.sparse = sparsity_mod.parse(self.sparsity)
+        if self.sparse is not None and (self.bits is None or self.target_bpw is not None):
+            raise LlmpackError("--sparsity needs --bits 8/4/3/2 (and no --target-bpw): the kept weights are "
+                               "stored quantized")
         if self.target_bpw is not None and not self.target_bpw > 0:
             raise LlmpackError(f"--target-bpw must be a positive number of bits per weight, got {self.target_bpw}")
         if self.calib_samples < 1 or self.calib_seqlen < 2:
@@ -95,7 +103,7 @@ class QuantOptions:
         return {"bits": self.bits, "group_size": self.group_size, "method": self.method,
                 "symmetric": self.symmetric, "keep": list(self.keep), "target_bpw": self.target_bpw,
                 "calib": self.calib, "calib_samples": self.calib_samples, "calib_seqlen": self.calib_seqlen,
-                "seed": self.seed, "act_order": self.act_order, "damp": self.damp}
+                "seed": self.seed, "act_order": self.act_order, "damp": self.damp, "sparsity": self.sparsity}
 
 
 def tensor_bits(bits: int, shape, group_size: int, symmetric: bool) -> int:
@@ -108,8 +116,14 @@ def is_quantized(kind) -> bool:
     return isinstance(kind, tuple)
 
 
-def kind_bits(kind, shape, opts) -> int:
-    """Storage bits of a tensor under a plan entry."""
+def kind_bits(kind, shape, opts, name: str | None = None) -> int:
+    """Storage bits of a tensor under a plan entry (pruned per --sparsity if `name` is pruned;
+    the kept fraction as asked: the mask type may keep fewer, weights quantized to 0 drop out)."""
+    if is_quantized(kind) and name is not None and opts.sparse is not None and sparsity_mod.applies(name):
+        bits, g = kind
+        typ = sparse_type(bits, opts.sparse.pattern)
+        return round(shape[0] * g * -(-shape[1] // g)
+                     * bits_per_weight(typ, g, not opts.sym(bits), 1 - opts.sparse.fraction))
     if is_quantized(kind):
         return tensor_bits(kind[0], shape, kind[1], opts.sym(kind[0]))
     return shape[0] * shape[1] * {"f32": 32, "f16": 16, "bf16": 16}[kind]

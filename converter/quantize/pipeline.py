@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmpack.formats import quant
+from llmpack.formats import quant, sparse
 from llmpack.runtime.progress import Progress
 
-from . import awq
+from . import awq, sparsity
 from .gptq import HessianFactor, gptq_quantize
 from .layers import LayerRunner, embed_tokens, final_hidden
 from .options import is_quantized
@@ -63,12 +63,18 @@ class _Quantizer:
             key = f"{n}.weight"
             bits, g = self.types[prefix + key]
             W = t[key]
-            if opts.uses_gptq:
-                parts, deq = gptq_quantize(W, factor, bits, g, opts.sym(bits))
+            sp = opts.sparse if sparsity.applies(prefix + key) else None
+            if opts.uses_gptq:  # SparseGPT when pruning
+                parts, deq = gptq_quantize(W, factor, bits, g, opts.sym(bits), prune=sparsity.sparsegpt_selector(sp))
             else:
+                if sp is not None:  # Wanda
+                    W = W * sparsity.wanda_keep(sp, W, imp)
                 parts = quant.quantize_rtn(W, bits, g, opts.sym(bits), importance=imp)
                 deq = quant.dequantize(parts, W.shape, bits, g)
-            self.parts[prefix + key] = (bits, g, W.shape, parts)
+            typ, nnz = f"q{bits}", None
+            if sp is not None:  # stored without the zero weights; expands back to exactly `deq`
+                typ, parts, nnz = sparse.sparsify(parts, bits, g, sp.pattern)
+            self.parts[prefix + key] = (typ, g, W.shape, parts, nnz)
             t[key] = deq
 
 
@@ -110,8 +116,8 @@ def run(writer, source, model: dict, inv_freq: dict, types: dict, opts, ids: np.
         for short in sorted(t):
             name = prefix + short
             if name in q.parts:
-                bits, g, shape, parts = q.parts.pop(name)
-                writer.add(name, f"q{bits}", shape, parts, group_size=g)
+                typ, g, shape, parts, nnz = q.parts.pop(name)
+                writer.add(name, typ, shape, parts, group_size=g, nnz=nnz)
             else:
                 store(writer, name, t[short], types, opts, float_dtype)
         progress.step(f"layer {i}")
@@ -127,8 +133,8 @@ def run(writer, source, model: dict, inv_freq: dict, types: dict, opts, ids: np.
         q.group(post, "", ["head"], hx)
     for name in sorted(post):
         if name in q.parts:
-            bits, g, shape, parts = q.parts.pop(name)
-            writer.add(name, f"q{bits}", shape, parts, group_size=g)
+            typ, g, shape, parts, nnz = q.parts.pop(name)
+            writer.add(name, typ, shape, parts, group_size=g, nnz=nnz)
         else:
             store(writer, name, post[name], types, opts, float_dtype)
     progress.step("head")
