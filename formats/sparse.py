@@ -15,7 +15,7 @@ import numpy as np
 
 from . import quant
 from .errors import FormatError
-from .spec import STORAGE_TYPES, sparse_type
+from .spec import STORAGE_TYPES, align, sparse_type
 
 # popcount of every byte value, for the mask's per-row counts
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint32)
@@ -90,6 +90,18 @@ def sparsify(parts: dict, bits: int, group_size: int, pattern: str, mask: np.nda
     out["offsets"] = offsets.astype("<u4")
     out["data"] = quant.pack_codes(codes[keep], bits)
     return sparse_type(bits, "mask"), out, nnz
+
+
+def smallest(parts: dict, bits: int, group_size: int, pattern: str):
+    """(type name, parts, nnz or None): the sparse form of dense q{bits} parts if it takes fewer
+    bytes, else the dense parts themselves. The index/mask costs 1 bit a weight, so at 2 bits a
+    2:4 matrix (1 + 1 bits) or one with half its weights kept is no smaller than dense q2, and
+    stays dense (no expansion at load either); the weights are the same either way. (Tiny
+    matrices: the offsets' 32 bits a row and each part's 64-byte alignment count too.)"""
+    typ, sp, nnz = sparsify(parts, bits, group_size, pattern)
+    if sum(align(a.nbytes) for a in sp.values()) < sum(align(a.nbytes) for a in parts.values()):  # as on disk
+        return typ, sp, nnz
+    return f"q{bits}", parts, None
 
 
 def _gather_stream(data: np.ndarray, idx: np.ndarray, bits: int) -> np.ndarray:

@@ -64,9 +64,11 @@ def gptq_quantize(W: np.ndarray, f: HessianFactor, bits: int, group_size: int, s
                   block: int = 32, rows_per_chunk: int = 8192, grid=quant.CLIP_GRID, prune=None):
     """Quantize W (N, K). Returns (spec parts, dequantized W (N, K) float32).
 
-    `prune` (SparseGPT, see sparsity.sparsegpt_selector): when a group's scale is fixed,
-    prune(cur (L, m), diag U (L,)) gives the group's kept mask; pruned weights get the zero
-    point's code (value exactly 0) and their error is propagated like a rounding error.
+    `prune` (SparseGPT, see sparsity.sparsegpt_selector): prune(cur (L, m), diag U (L,)) gives
+    the kept mask of L columns from their current values: unstructured, of each block of columns
+    when the block starts; 2:4, of a group's quads (in K order) when its scale is fixed. Pruned
+    weights get the zero point's code (value exactly 0) and their error is propagated like a
+    rounding error.
 
     Works on W transposed (K, N) so that a column of W is a contiguous row in memory.
     """
@@ -101,6 +103,8 @@ def gptq_quantize(W: np.ndarray, f: HessianFactor, bits: int, group_size: int, s
             W1 = Wt[i1:i2].copy()
             Err1 = np.zeros((i2 - i1, m), np.float32)
             U1 = U[i1:i2, i1:i2]
+            if keep is not None and prune.pattern != "2:4":  # unstructured: mask of the block, chosen now
+                keep[i1:i2] = prune(W1, diag_u[i1:i2])
             for ii in range(i2 - i1):
                 i = i1 + ii
                 j = col_group[i]
@@ -113,10 +117,11 @@ def gptq_quantize(W: np.ndarray, f: HessianFactor, bits: int, group_size: int, s
                     if len(out):
                         cur[~inblk] = Wt[out] - U[i1:i, out].T @ Err1[:ii]
                     imp = imp_all[perm[pos]]
-                    if keep is not None:  # SparseGPT: the group's mask, then its scale from the kept weights
-                        order = np.argsort(perm[pos])  # the group's columns in K order (2:4 quads)
-                        keep[pos[order]] = prune(cur[order], diag_u[pos[order]])
-                        cur *= keep[pos]
+                    if keep is not None:  # SparseGPT: the group's scale from its kept weights
+                        if prune.pattern == "2:4":  # the group's quads, in K order, chosen now
+                            order = np.argsort(perm[pos])
+                            keep[pos[order]] = prune(cur[order], diag_u[pos[order]])
+                        cur *= keep[pos]  # (unstructured: masks of later blocks not chosen yet, all True)
                         imp = imp[None, :] * keep[pos].T
                     sc, z = quant.find_params(cur.T, bits, symmetric, imp, grid)
                     s16[j] = sc

@@ -56,7 +56,8 @@ class _Quantizer:
         opts = self.opts
         if opts.uses_gptq:
             H = (Xf.T @ Xf).astype(np.float64) / len(Xf)
-            factor = HessianFactor(H, act_order=opts.act_order, damp=opts.damp)
+            pruning = opts.sparse is not None and sparsity.applies(prefix)  # SparseGPT: natural column order
+            factor = HessianFactor(H, act_order=opts.act_order and not pruning, damp=opts.damp)
         else:
             imp = (Xf.astype(np.float64) ** 2).mean(axis=0)
         for n in todo:
@@ -72,8 +73,8 @@ class _Quantizer:
                 parts = quant.quantize_rtn(W, bits, g, opts.sym(bits), importance=imp)
                 deq = quant.dequantize(parts, W.shape, bits, g)
             typ, nnz = f"q{bits}", None
-            if sp is not None:  # stored without the zero weights; expands back to exactly `deq`
-                typ, parts, nnz = sparse.sparsify(parts, bits, g, sp.pattern)
+            if sp is not None:  # stored without the zero weights (if that is smaller); expands to `deq`
+                typ, parts, nnz = sparse.smallest(parts, bits, g, sp.pattern)
             self.parts[prefix + key] = (typ, g, W.shape, parts, nnz)
             t[key] = deq
 

@@ -11,12 +11,19 @@ embedding and the head stay dense (they are one matrix each and the most sensiti
   loses exactly round(fraction * K) weights) or per quad for 2:4; the kept weights are then
   quantized as usual.
 - SparseGPT (Frantar & Alistarh, 2023, arXiv 2301.00774), with --method gptq/awq+gptq: inside
-  GPTQ's column loop (quantize/gptq.py). When a quantization group's scale is fixed, the
-  group's mask is chosen from the then-current (error-updated) weights by w^2 / diag(U)^2 (U
-  the Cholesky factor of H^-1, the reference's diag(Hinv)): over the whole group block (all
-  rows together, as the reference's adaptive mask selection) for unstructured, per quad for
-  2:4; pruned weights are set to exactly 0 and their error flows into the later columns like a
-  rounding error.
+  GPTQ's column loop (quantize/gptq.py), in the natural column order as the reference (GPTQ's
+  activation order is not used for pruned matrices). The mask is chosen from the then-current
+  (error-updated) weights by w^2 / diag(U)^2 (U the Cholesky factor of H^-1, the reference's
+  diag(Hinv)): unstructured, over each block of 32 columns when the block starts (all rows
+  together, the reference's adaptive mask selection); 2:4, per quad when the group's scale is
+  fixed. Pruned weights are set to exactly 0 and their error flows into the later columns like
+  a rounding error; the group's scale is fit to its kept weights.
+
+  Measured on a random 64x256 layer with correlated inputs (tests/test_sparse.py has a smaller
+  one), layer-output error ||X (W - Q)^T|| at q4 g32: 50 % unstructured SparseGPT 3575 vs
+  Wanda + RTN 4716; 2:4 5127 vs 6642. With activation order instead, unstructured SparseGPT was
+  worse than Wanda (each block, in order of decreasing input energy, must lose the same
+  fraction), so pruning keeps the natural order.
 """
 from __future__ import annotations
 
@@ -101,4 +108,5 @@ def sparsegpt_selector(sp: Sparsity | None):
         score = (np.asarray(cur, np.float64) / np.asarray(d, np.float64)[:, None]) ** 2
         return select(sp, score.T, per_row=False).T
 
+    keep.pattern = sp.pattern
     return keep
