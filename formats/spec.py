@@ -25,7 +25,8 @@ Header JSON (keys)::
     generation      defaults from generation_config.json (eos_token_id, temperature, …)
     provenance      {"converter": version, "source": {file: sha256}, "options": {...}}
     quality         list of measured reports (later steps append; may be empty)
-    tensors         [{"name", "type", "shape", "group_size"?, "parts": {part: [offset, nbytes, crc32]}}]
+    tensors         [{"name", "type", "shape", "group_size"?, "nnz"? (q{b}m types only: kept weights),
+                      "parts": {part: [offset, nbytes, crc32]}}]
 
 A tensor is one logical array (`shape`) stored in one or more *parts*. Plain types have a
 single part "data". Quantized types store a weight W of logical shape (N, K) — a linear
