@@ -12,6 +12,7 @@ COMMANDS = {
     "convert": ("llmpack.converter.cmd_convert", "transformers checkpoint folder -> .llmpack file"),
     "generate": ("llmpack.runtime.cmd_generate", "continue a prompt, streaming tokens"),
     "chat": ("llmpack.runtime.cmd_chat", "multi-turn chat with the model's own template"),
+    "serve": ("llmpack.runtime.cmd_serve", "OpenAI-compatible HTTP server with a chat page"),
     "inspect": ("llmpack.runtime.cmd_inspect", "show a file's header, tensors and quality report"),
     "export-onnx": ("llmpack.runtime.cmd_export_onnx", "write model.onnx + genai_config.json for onnxruntime(-genai)"),
     "eval": ("llmpack.cmd_eval", "KL divergence, top-1 and perplexity of a file against a reference"),

@@ -1,195 +1,93 @@
-"""Checkpoint folder -> one .llmpack file, streaming one tensor at a time."""
+"""Checkpoint folder -> one .llmpack file: a recipe of steps over a stream of blocks.
+
+`convert()` reads the checkpoint's plan (names, shapes, description), prepares what the
+recipe needs (calibration tokens, a layer-drop plan, a bit allocation), then streams the
+model block by block through the recipe's steps (converter/stream.py) into the writer, and
+finally measures the file against its source when asked.
+"""
 from __future__ import annotations
 
-import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from llmpack.formats import __version__
+from llmpack.formats.blocks import describe_model
 from llmpack.formats.errors import LlmpackError
 from llmpack.formats.writer import PackWriter
-from llmpack.runtime.progress import Progress
 
-from llmpack.formats import __version__
-
+from . import stream as stream_mod
 from . import tokenizer_files
-from .arch import map_name
 from .checkpoint import Checkpoint
 from .describe import describe, family_for, load_config
 from .quantize import calib as calib_mod
-from .quantize import pipeline
-from .quantize.options import QuantOptions, kind_bits, plan_types
-
-DTYPES = ("f32", "f16", "bf16", "q8")
-
-
-def _apply_rewrite(name: str, arr: np.ndarray, rewrite: str | None) -> list[tuple[str, np.ndarray]]:
-    if rewrite is None:
-        return [(name, arr)]
-    if rewrite == "plus1":
-        return [(name, arr + np.float32(1.0))]
-    if rewrite == "T":
-        return [(name, np.ascontiguousarray(arr.T) if arr.ndim == 2 else arr)]
-    if rewrite == "opt_pos":
-        return [(name, arr[2:])]
-    if rewrite == "qkv":  # GPT-2 Conv1D c_attn: weight (D, 3D) -> q, k, v each (D, D)
-        arr = arr.T if arr.ndim == 2 else arr
-        return [(name.replace("{q,k,v}", x), np.ascontiguousarray(part))
-                for x, part in zip("qkv", np.split(arr, 3, axis=0))]
-    raise AssertionError(rewrite)
+from .quantize.options import plan_types
+from .quantize.step import QuantizeStep
+from .recipe import DTYPES, Recipe  # noqa: F401  (DTYPES: the CLI's and tests' list)
+from .source import TensorSource, canonical_shapes, order_key, plan_names
+from .steps import layer_drop, pruning, slicing
 
 
-def _order_key(name: str):
-    # embed first, then layers in order, then the final norm and head: sequential reads at runtime.
-    m = re.match(r"layers\.(\d+)\.", name)
-    if m:
-        return (1, int(m.group(1)), name)
-    return (0 if name.startswith(("embed", "pos_embed", "rope")) else 2, 0, name)
-
-
-class TensorSource:
-    """The checkpoint's tensors under canonical names, read (and rewritten) group by group:
-    `pre` (embeddings), `layers[i]`, `post` (final norm, head) — lists of plan entries."""
-
-    def __init__(self, ckpt, plan, n_layers):
-        self.ckpt = ckpt
-        self.pre, self.post = [], []
-        self.layers = [[] for _ in range(n_layers)]
-        for entry in plan:
-            m = re.match(r"layers\.(\d+)\.", entry[1])
-            if m:
-                self.layers[int(m.group(1))].append(entry)
-            elif entry[1].startswith(("embed", "pos_embed")):
-                self.pre.append(entry)
-            else:
-                self.post.append(entry)
-
-    def load(self, entries) -> dict[str, np.ndarray]:
-        out = {}
-        for hf, canon, rewrite in entries:
-            out.update(_apply_rewrite(canon, self.ckpt.get(hf), rewrite))
-        return out
-
-
-def _canonical_shapes(ckpt, plan) -> tuple[dict, dict]:
-    """Canonical name -> shape (from the safetensors headers, nothing loaded), and -> HF name."""
-    from safetensors import safe_open
-
-    names = ckpt.tensor_names()
-    shapes, hf_of = {}, {}
-    for hf, canon, rewrite in plan:
-        with safe_open(str(names[hf]), framework="np") as h:
-            shape = tuple(h.get_slice(hf).get_shape())
-        if rewrite == "T" and len(shape) == 2:
-            shape = shape[::-1]
-        elif rewrite == "opt_pos":
-            shape = (shape[0] - 2,) + shape[1:]
-        if rewrite == "qkv":
-            part = (shape[1] // 3, shape[0]) if len(shape) == 2 else (shape[0] // 3,)
-            for x in "qkv":
-                shapes[canon.replace("{q,k,v}", x)] = part
-                hf_of[canon.replace("{q,k,v}", x)] = hf
-        else:
-            shapes[canon] = shape
-            hf_of[canon] = hf
-    return shapes, hf_of
-
-
-def convert(src, out, dtype: str = "f16", group_size: int | None = None, quiet: bool = False,
-            bits: int | None = None, method: str = "rtn", keep=(), target_bpw: float | None = None,
-            calib=None, calib_samples: int = 16, calib_seqlen: int = 512, seed: int = 0,
-            symmetric: bool | None = None, act_order: bool = True, damp: float = 0.01,
-            eval_text=None, eval_windows: int = 16, eval_ctx: int = 512, sensitivity_file=None,
-            sparsity=None) -> dict:
+def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **options) -> dict:
     """Convert; returns the written header. Raises LlmpackError on bad input (nothing written).
 
-    Plain: dtype f32/f16/bf16 (q8 = bits 8, RTN). Quantized: `bits` (8/4/3/2) for every weight
-    matrix (embedding and head row-wise), `method` rtn / gptq / awq (AWQ scales + RTN) /
-    awq+gptq, `keep` ["PATTERN=BITS", ...] per-tensor overrides, `target_bpw` picks per-tensor
-    bits from measured sensitivity (kept in / reused from `sensitivity_file` if given).
-    `eval_text` (a file) measures the result against the source and stores the report in the
-    header's "quality" list.
+    Options (see Recipe.from_options): dtype f32/f16/bf16 (q8 = bits 8, RTN); `bits` (8/4/3/2)
+    for every weight matrix (embedding and head row-wise), `method` rtn / gptq / awq /
+    awq+gptq, `keep` ["PATTERN=BITS", ...], `target_bpw` per-tensor bits from measured
+    sensitivity (kept in / reused from `sensitivity_file`); structure: `slice` (SliceGPT
+    fraction of the hidden size), `prune_heads`, `prune_mlp`, `drop_layers`; `eval_text` (a
+    file) measures the result against the source and stores the report.
     """
-    if dtype not in DTYPES:
-        raise LlmpackError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if dtype == "q8":
-        if bits not in (None, 8):
-            raise LlmpackError(f"--dtype q8 contradicts --bits {bits}; give only --bits")
-        bits, dtype = 8, "f16"
-    opts = QuantOptions(bits=bits, group_size=group_size or 32, group_explicit=group_size is not None,
-                        method=method, symmetric=symmetric,
-                        keep=list(keep or ()), target_bpw=target_bpw, calib=None if calib is None else str(calib),
-                        calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
-                        act_order=act_order, damp=damp, sparsity=sparsity)
-    opts.validate()
-    if sensitivity_file is not None:
-        if target_bpw is None:
-            raise LlmpackError("--sensitivity only applies with --target-bpw; add --target-bpw X or drop it")
-        if not Path(sensitivity_file).parent.is_dir():
-            raise LlmpackError(f"--sensitivity {sensitivity_file}: no such folder {Path(sensitivity_file).parent}")
-    if opts.calibrated:
-        calib_mod.check_file(calib)
+    recipe = recipe or Recipe.from_options(**options)
+    opts = recipe.quant
+    if recipe.calibrated:
+        calib_mod.check_file(opts.calib)
     eval_src = None
-    if eval_text is not None:
+    if recipe.eval_text is not None:
         from llmpack.runtime.quality import check_windows, read_text
 
-        check_windows(eval_windows, eval_ctx, ("--eval-windows", "--eval-ctx"))  # now, not after converting
-        eval_src = read_text(eval_text)
+        check_windows(recipe.eval_windows, recipe.eval_ctx, ("--eval-windows", "--eval-ctx"))  # before converting
+        eval_src = read_text(recipe.eval_text)
     t0 = time.time()
     ckpt = Checkpoint(src)
     mt, fam = family_for(ckpt.config_dict)
     cfg = load_config(ckpt)
     tok_section, tok_blob_name, tok_blob = tokenizer_files.collect(ckpt)
-    names = ckpt.tensor_names()
-
-    plan = []  # (hf name, canonical name, rewrite)
-    for hf in names:
-        try:
-            canon, rewrite = map_name(fam, hf)
-        except KeyError:
-            raise LlmpackError(f"tensor {hf!r} of this {mt} checkpoint is not mapped by llmpack; "
-                               f"the checkpoint has parts llmpack does not know how to run")
-        if canon is not None:
-            plan.append((hf, canon, rewrite))
-    has_head = any(c == "head.weight" for _, c, _ in plan)
-    model, extra = describe(mt, fam, cfg, has_head)
+    plan = plan_names(ckpt, fam, mt)
+    model, extra = describe(mt, fam, cfg, any(c == "head.weight" for _, c, _ in plan))
     if model["tied_head"]:
         plan = [p for p in plan if not p[1].startswith("head.weight")]
-    plan.sort(key=lambda p: _order_key(p[1]))
+    plan.sort(key=lambda p: order_key(p[1]))
     _check_complete(model, fam, {c for _, c, _ in plan})
-
-    shapes, hf_of = _canonical_shapes(ckpt, plan)
-    types = plan_types(opts, shapes, hf_of, dtype) if (opts.quantized or opts.keep) else {}
+    shapes, hf_of = canonical_shapes(ckpt, plan)
+    recipe.structure.check_model(model, shapes, mt)
+    types = plan_types(opts, shapes, hf_of, recipe.dtype) if (opts.quantized or opts.keep) else {}
     if opts.target_bpw is not None:
         from .quantize import sensitivity
 
         sensitivity.check_budget(opts, types, shapes, hf_of)
 
-    ids = tokenizer = None
-    calib_info = None
-    if opts.calibrated:
-        from llmpack.runtime.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer(tok_section, tok_blob)
-        text, text_name = calib_mod.read_text(calib)
-        ids = calib_mod.samples(tokenizer, text, opts.calib_samples, opts.calib_seqlen, opts.seed)
-        calib_info = {"text": text_name, "sha256": calib_mod.text_hash(text), "samples": int(ids.shape[0]),
-                      "seqlen": int(ids.shape[1])}
+    ids, calib_info = _calibration(recipe, tok_section, tok_blob)
     source = TensorSource(ckpt, plan, model["n_layers"])
+    spec = describe_model(model, {**shapes, **{k: v.shape for k, v in extra.items()}})
     allocation = None
     if opts.target_bpw is not None:
         from .quantize import sensitivity
 
         allocation = sensitivity.allocate(ckpt, fam, source, model, shapes, types, hf_of, opts, ids, quiet=quiet,
-                                          cache=sensitivity_file, calib_info=calib_info)
+                                          cache=recipe.sensitivity_file, calib_info=calib_info)
         types.update(allocation["types"])
 
-    options = {"dtype": dtype, "group_size": opts.group_size if opts.quantized else None}
+    s = stream_mod.Stream(source=source, model=model, spec=spec, ids=ids, types=types, opts=opts,
+                          float_dtype=recipe.dtype, layers=list(range(model["n_layers"])),
+                          inv_freq={k.split(".")[1]: v for k, v in extra.items() if k.startswith("rope.")})
+    steps, done = _steps(recipe, s, quiet)
+
+    options = {"dtype": recipe.dtype, "group_size": opts.group_size if opts.quantized else None}
     if opts.quantized:
         options.update(opts.describe(), calibration=calib_info)
-        options["bits_per_weight"] = round(_bits_per_weight(types, shapes, opts), 4)
     header = {
         "model": model,
         "config": ckpt.config_dict,
@@ -202,6 +100,7 @@ def convert(src, out, dtype: str = "f16", group_size: int | None = None, quiet: 
             "source_dtypes": sorted(ckpt.dtypes()),
             "options": options,
         },
+        "recipe": done,
         "quality": [],
     }
     if allocation is not None:
@@ -209,34 +108,70 @@ def convert(src, out, dtype: str = "f16", group_size: int | None = None, quiet: 
     with PackWriter(out) as w:
         for name, arr in extra.items():
             w.add_array(name, arr, "f32")
-        if opts.calibrated:
-            inv_freq = {k.split(".")[1]: v for k, v in extra.items() if k.startswith("rope.")}
-            pipeline.run(w, source, model, inv_freq, types, opts, ids, dtype, quiet=quiet)
-        else:
-            progress = Progress("convert", len(plan), quiet=quiet)
-            for hf, canon, rewrite in plan:
-                for name, arr in _apply_rewrite(canon, ckpt.get(hf), rewrite):
-                    pipeline.store(w, name, arr, types, opts, dtype)
-                progress.step(canon)
-            progress.done()
+        t1 = time.time()
+        stream_mod.run(s, steps, w, quiet=quiet)
+        for step in steps:
+            done.append({"step": step.name, **step.options()})
+        if steps:  # the stream runs its steps together: its time goes to the record of the last
+            done[-1]["seconds"] = round(time.time() - t1, 2)
         w.add_blob(tok_blob_name, tok_blob)
+        header["model"]["n_layers"] = len(header["model"]["layers"])
+        if opts.quantized:
+            options["bits_per_weight"] = round(_bits_per_weight(w), 4)
         header["provenance"]["seconds"] = round(time.time() - t0, 2)
-
-        def amend(tmp_path):
-            from llmpack.runtime.quality import evaluate_files
-
-            from .reference import hf_logits_fn
-
-            report = evaluate_files(tmp_path, hf_logits_fn(src, quiet), eval_src, windows=eval_windows,
-                                    ctx=eval_ctx, quiet=quiet)
-            report.update(reference="source", method=opts.method if opts.quantized else None, bits=opts.bits,
-                          group_size=options["group_size"], bits_per_weight=options.get("bits_per_weight"))
-            return {"quality": [report]}
-        w.finish(header, amend=amend if eval_src is not None else None)
+        w.finish(header, amend=_evaluator(src, recipe, eval_src, options, quiet) if eval_src is not None else None)
     if not quiet:
         print(f"convert: wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s",
               file=sys.stderr)
     return _read_header(out)
+
+
+def _calibration(recipe: Recipe, tok_section, tok_blob):
+    """Calibration tokens (B, T) and their record, when any step calibrates."""
+    if not recipe.calibrated:
+        return None, None
+    from llmpack.runtime.tokenizer import Tokenizer
+
+    opts = recipe.quant
+    text, text_name = calib_mod.read_text(opts.calib)
+    ids = calib_mod.samples(Tokenizer(tok_section, tok_blob), text, opts.calib_samples, opts.calib_seqlen, opts.seed)
+    return ids, {"text": text_name, "sha256": calib_mod.text_hash(text), "samples": int(ids.shape[0]),
+                 "seqlen": int(ids.shape[1])}
+
+
+def _steps(recipe: Recipe, s, quiet: bool) -> tuple[list, list]:
+    """The stream's steps in recipe order, and the record of steps already run before it."""
+    st, done, steps = recipe.structure, [], []
+    if st.drop_layers is not None:
+        t = time.time()
+        dropped = layer_drop.drop_layers(s, st.drop_layers, quiet=quiet)
+        done.append({"step": "drop_layers", "count": st.drop_layers, "dropped": dropped,
+                     "seconds": round(time.time() - t, 2)})
+    if st.slice is not None:
+        steps.append(slicing.SliceStep(st.slice))
+    if st.prune_heads is not None or st.prune_mlp is not None:
+        steps.append(pruning.PruneStep(heads=st.prune_heads or 0, mlp=st.prune_mlp or 0))
+    if recipe.quant.calibrated:
+        steps.append(QuantizeStep(recipe.quant))
+    elif recipe.quant.quantized:
+        steps.append(stream_mod.WriteTimeStep("quantize", recipe.quant.describe()))  # RTN as each tensor is written
+    return steps, done
+
+
+def _evaluator(src, recipe: Recipe, eval_src, options: dict, quiet: bool):
+    def amend(tmp_path):
+        from llmpack.runtime.quality import evaluate_files
+
+        from .reference import hf_logits_fn
+
+        report = evaluate_files(tmp_path, hf_logits_fn(src, quiet), eval_src, windows=recipe.eval_windows,
+                                ctx=recipe.eval_ctx, quiet=quiet)
+        opts = recipe.quant
+        report.update(reference="source", method=opts.method if opts.quantized else None, bits=opts.bits,
+                      group_size=options["group_size"], bits_per_weight=options.get("bits_per_weight"),
+                      structure=recipe.structure.describe() or None)
+        return {"quality": [report]}
+    return amend
 
 
 def _read_header(path) -> dict:
@@ -249,10 +184,17 @@ def _read_header(path) -> dict:
         p.close()
 
 
-def _bits_per_weight(types: dict, shapes: dict, opts) -> float:
-    """Average storage bits per element of the weight matrices (scales and zero points counted)."""
-    total_bits = sum(kind_bits(kind, shapes[name], opts, name) for name, kind in types.items())
-    return total_bits / max(sum(shapes[n][0] * shapes[n][1] for n in types), 1)
+def _bits_per_weight(writer) -> float:
+    """Average storage bits per element of the weight matrices as written (scales and zero points
+    counted): the embedding, the head and every block's linears."""
+    from .quantize.options import QUANTIZABLE
+
+    total = elems = 0
+    for t in writer.tensors:
+        if QUANTIZABLE.fullmatch(t["name"]) or t["name"].endswith(".shortcut.weight"):
+            total += 8 * sum(n for _off, n, _crc in t["parts"].values())
+            elems += t["shape"][0] * t["shape"][1]
+    return total / max(elems, 1)
 
 
 def _check_complete(model: dict, fam, present: set[str]):

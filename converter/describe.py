@@ -102,7 +102,9 @@ def describe(mt: str, fam: Family, cfg, has_head: bool) -> tuple[dict, dict[str,
             rope_scaling[kind] = scaling
         layer_types = getattr(cfg, "layer_types", None)
         for i, layer in enumerate(layers):
-            layer["rope"] = layer_types[i] if len(kinds) > 1 else "global"
+            # Kinds keyed by layer type (Gemma-3) even when every kept layer has the same type:
+            # a 3-layer all-sliding model has only "sliding_attention" tables.
+            layer["rope"] = layer_types[i] if "global" not in kinds else "global"
 
     window = getattr(cfg, "sliding_window", None)
     layer_types = getattr(cfg, "layer_types", None)

@@ -26,6 +26,7 @@ import time
 from llmpack.formats.errors import LlmpackError
 
 from .cmd_generate import add_backend_args, add_sampling_args, check_sampling, load_model, sampling_kwargs
+from .prefix_cache import cache_consistent, common_prefix
 from .tokenizer import StreamDecoder
 
 EXAMPLE = """examples:
@@ -93,7 +94,7 @@ class ChatSession:
             if self.messages and self.messages[-1] is message:
                 self.messages.pop()
             raise
-        reuse = _common_prefix(self.cached, ids)
+        reuse = common_prefix(self.cached, ids)
         reuse = max(0, min(reuse, len(ids) - 1))  # at least one token must run to give the next-token logits
         self.cache.truncate(reuse)
         self.last = {"prompt_tokens": len(ids), "reused": reuse, "prefilled": len(ids) - reuse,
@@ -117,7 +118,7 @@ class ChatSession:
                 yield tail
             finished = True
         finally:
-            if not _cache_consistent(self.cache):  # interrupted while the cache was growing
+            if not cache_consistent(self.cache):  # interrupted while the cache was growing
                 self.cache, self.cached = self.model.backend.new_cache(), []
             else:
                 self.cached = (ids + generated)[:self.cache.length]
@@ -135,22 +136,6 @@ class ChatSession:
         return (f"[prompt {s['prompt_tokens']} tokens: {s['reused']} reused from the cache, {s['prefilled']} "
                 f"prefilled in {s['prefill_seconds']:.2f}s; {s['generated']} generated, {rate:.1f} tok/s"
                 + (f"; dropped {s['dropped_turns']} oldest turn(s)" if s["dropped_turns"] else "") + "]")
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def _cache_consistent(cache) -> bool:
-    stores = getattr(cache, "k", None)
-    if not isinstance(stores, list):
-        return True  # another backend's cache: trust it
-    shapes = {a.shape[1] for a in cache.k + cache.v}
-    return len(shapes) <= 1 and cache.length <= min(shapes, default=cache.length)
 
 
 def escape_line(text: str) -> str:

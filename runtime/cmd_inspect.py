@@ -49,6 +49,9 @@ def main(argv) -> int:
     prov = h.get("provenance") if isinstance(h.get("provenance"), dict) else {}
     print(f"provenance  converter {prov.get('converter')}  options {prov.get('options')}  "
           f"source dtypes {prov.get('source_dtypes')}  {len(prov.get('source', {}))} source files hashed")
+    recipe = h.get("recipe") if isinstance(h.get("recipe"), list) else []
+    if recipe:
+        print("recipe      " + " -> ".join(_step_text(r) for r in recipe if isinstance(r, dict)))
     gen = h.get("generation") or {}
     if gen:
         print(f"generation  {json.dumps(gen)}")
@@ -69,6 +72,20 @@ def _numel(shape):
     for s in shape:
         n *= s
     return n
+
+
+_QUIET = {"step", "calib", "calib_samples", "calib_seqlen", "seed", "act_order", "damp", "keep", "dropped"}
+
+
+def _step_text(r: dict) -> str:
+    """One recipe step: its name and the options that say what it did (e.g. "slice (fraction 0.25,
+    width 672, 41.2 s)")."""
+    opts = [f"{k} {v}" for k, v in r.items() if k not in _QUIET and v not in (None, [], {}) and k != "seconds"]
+    if r.get("dropped"):
+        opts.append("dropped " + ", ".join(str(d[0]) for d in r["dropped"] if isinstance(d, list) and d))
+    if isinstance(r.get("seconds"), (int, float)):
+        opts.append(f"{r['seconds']:.1f} s")
+    return f"{r.get('step')} ({', '.join(opts)})" if opts else str(r.get("step"))
 
 
 def _quality_line(q: dict) -> str:

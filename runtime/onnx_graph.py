@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llmpack.formats.blocks import ModelSpec, Norm, check_pack
 from llmpack.formats.errors import FormatError
 from llmpack.formats.reader import Pack
 from llmpack.formats.spec import STORAGE_TYPES
@@ -93,17 +94,16 @@ def rope_cos_sin(pack: Pack, kind: str, positions: int, half: bool):
 
 
 class _Builder:
-    def __init__(self, pack: Pack, accuracy_level: int, genai_io: bool, max_positions: int | None, fuse: bool):
+    def __init__(self, pack: Pack, spec: ModelSpec, accuracy_level: int, genai_io: bool, max_positions: int | None,
+                 fuse: bool):
         self.pack = pack
-        self.m = pack.header["model"]
+        self.spec = spec
         self.acc = accuracy_level
         self.fuse = fuse
         self.g = Graph("llmpack_decoder")
         self.out = DecoderGraph(self.g, genai_io=genai_io)
-        self.hd = self.m["head_dim"]
-        self.eps = float(self.m["norm_eps"])
-        self.rms = self.m["norm"] == "rms"
-        self.max_pos = max_positions or self.m["context_length"]
+        self.eps = float(spec.norm_eps)
+        self.max_pos = max_positions or spec.context_length
         self._cast_cache: dict[str, str] = {}
         self._widened: dict[str, dict] = {}
 
@@ -217,16 +217,17 @@ class _Builder:
                    name=name, transB=1)
         return g.node("Add", [y, bias], name=name + "/bias") if bias else y
 
-    def norm(self, x: str, prefix: str, skip: str | None = None):
+    def norm(self, x: str, n: Norm, skip: str | None = None):
         """Normalize x (after adding skip); returns (normed, x + skip) — the second only with skip."""
+        prefix, rms = n.name, n.kind == "rms"
         w = self.plain_f32(prefix + ".weight")
-        b = self.plain_f32(prefix + ".bias") if self.has(prefix + ".bias") else ""
+        b = self.plain_f32(prefix + ".bias") if n.bias else ""
         if skip is None:
-            if self.rms:
+            if rms:
                 return self.g.node("RMSNormalization", [x, w], name=prefix, axis=-1, epsilon=self.eps), None
             return self.g.node("LayerNormalization", [x, w] + ([b] if b else []), name=prefix, axis=-1,
                                epsilon=self.eps), None
-        if self.rms:
+        if rms:
             outs = self.g.node("SkipSimplifiedLayerNormalization", [x, skip, w], n_out=4, domain=MS, name=prefix,
                                epsilon=self.eps)
         else:
@@ -235,7 +236,7 @@ class _Builder:
         return outs[0], outs[3]
 
     def act(self, x: str) -> str:
-        a = self.m["act"]
+        a = self.spec.blocks[0].mlp.act
         if a == "silu":
             return self.g.node("Mul", [x, self.g.node("Sigmoid", [x])])
         if a == "gelu_tanh":
@@ -251,9 +252,8 @@ class _Builder:
 
     # -- model ----------------------------------------------------------------------------------
     def build(self) -> DecoderGraph:
-        g, m = self.g, self.m
-        emb = self.pack.tensors["embed.weight"]
-        V, D = emb["shape"]
+        g, spec = self.g, self.spec
+        V = spec.vocab
         self.out.vocab_size = V
         g.output("logits", FLOAT, ["batch_size", "sequence_length", V])  # first output, as genai's models
         ids = g.input("input_ids", INT64, ["batch_size", "sequence_length"])
@@ -272,44 +272,50 @@ class _Builder:
             logits_start = g.input("logits_start", INT64, [1])
 
         x = self.gather_rows("embed.weight", ids)
-        if m["embed_scale"]:
-            x = g.node("Mul", [x, g.const("embed_scale", np.array(m["embed_scale"], np.float32))])
-        if m["learned_pos"]:
+        if spec.embed_scale:
+            x = g.node("Mul", [x, g.const("embed_scale", np.array(spec.embed_scale, np.float32))])
+        if spec.learned_pos:
             x = g.node("Add", [x, self.gather_rows("pos_embed.weight", pos_ids)])
 
         rope = self.rope_tables()
+        # The residual stream is carried as (res, pending): x = res + pending, added inside the next
+        # Skip(Simplified)LayerNormalization. A sliced block's shortcut maps res before its MLP add.
         res, pending = x, None
-        for i, spec in enumerate(m["layers"]):
-            p = f"layers.{i}."
+        for b in spec.blocks:
             if pending is None:
-                h, _ = self.norm(res, p + "attn_norm")
+                h, _ = self.norm(res, b.attn_norm)
             else:
-                h, res = self.norm(pending, p + "attn_norm", skip=res)
-            a = self.attention(h, i, spec, seqlens, total, pos_ids, rope)
-            if self.has(p + "post_attn_norm.weight"):
-                a, _ = self.norm(a, p + "post_attn_norm")
-            if m["parallel_block"]:
-                pending = g.node("Add", [a, self.mlp(h, p)])
+                h, res = self.norm(pending, b.attn_norm, skip=res)
+            a = self.attention(h, b, seqlens, total, pos_ids, rope)
+            if b.post_attn_norm is not None:
+                a, _ = self.norm(a, b.post_attn_norm)
+            if b.parallel:
+                res = self.shortcut(res, b)
+                pending = g.node("Add", [a, self.mlp(h, b)])
                 continue
-            h, res = self.norm(a, p + "mlp_norm", skip=res)
-            f = self.mlp(h, p)
-            if self.has(p + "post_mlp_norm.weight"):
-                f, _ = self.norm(f, p + "post_mlp_norm")
+            h, res = self.norm(a, b.mlp_norm, skip=res)
+            f = self.mlp(h, b)
+            if b.post_mlp_norm is not None:
+                f, _ = self.norm(f, b.post_mlp_norm)
+            res = self.shortcut(res, b)
             pending = f
         if pending is None:
-            h, _ = self.norm(res, "final_norm")
+            h, _ = self.norm(res, spec.final_norm)
         else:
-            h, _ = self.norm(pending, "final_norm", skip=res)
+            h, _ = self.norm(pending, spec.final_norm, skip=res)
         if not self.out.genai_io:  # logits for positions >= logits_start only (prefill needs just the last)
             h = g.node("Slice", [h, logits_start, g.const("end", np.array([2 ** 62], np.int64)),
                                  g.const("axes", np.array([1], np.int64))], name="logits_rows")
         logits = self.head(h)
-        cap = m.get("final_softcap")
+        cap = spec.final_softcap
         if cap:
             c = g.const("softcap", np.array(cap, np.float32))
             logits = g.node("Mul", [g.node("Tanh", [g.node("Div", [logits, c])]), c])
         g.node("Identity", [logits], outputs=["logits"])
         return self.out
+
+    def shortcut(self, res: str, b) -> str:
+        return res if b.shortcut is None else self.linear(res, b.shortcut.name)
 
     def gather_rows(self, name: str, idx: str) -> str:
         """Rows `idx` of a 2-D table as float32, widening only the gathered rows."""
@@ -329,34 +335,34 @@ class _Builder:
         return x
 
     def head(self, h: str) -> str:
-        if not self.m["tied_head"]:
+        if not self.spec.tied:
             return self.linear(h, "head")
         if STORAGE_TYPES[self.kind("embed.weight")].quantized:
             return self.linear(h, "embed")  # MatMulNBits over the embedding's own bytes
         return self.g.node("FusedMatMul", [h, self.plain_f32("embed.weight")], domain=MS, name="head",
                            transB=1)
 
-    def mlp(self, h: str, p: str) -> str:
-        if not self.has(p + "mlp.gate.weight"):
-            return self.linear(self.act(self.linear(h, p + "mlp.up")), p + "mlp.down")
-        pair = [p + "mlp.gate", p + "mlp.up"]
+    def mlp(self, h: str, b) -> str:
+        mlp = b.mlp
+        if mlp.gate is None:
+            return self.linear(self.act(self.linear(h, mlp.up.name)), mlp.down.name)
+        pair = [mlp.gate.name, mlp.up.name]
         if self.fusable(pair):
-            f = self.pack.tensors[p + "mlp.up.weight"]["shape"][0]
+            f = mlp.width
             gate, up = self.g.node("Split", [self.linears(h, pair), self.g.const("split", np.array([f, f]))],
-                                   n_out=2, axis=-1, name=p + "mlp.split")
+                                   n_out=2, axis=-1, name=b.prefix + "mlp.split")
         else:
-            gate, up = self.linear(h, p + "mlp.gate"), self.linear(h, p + "mlp.up")
-        return self.linear(self.g.node("Mul", [self.act(gate), up]), p + "mlp.down")
+            gate, up = self.linear(h, mlp.gate.name), self.linear(h, mlp.up.name)
+        return self.linear(self.g.node("Mul", [self.act(gate), up]), mlp.down.name)
 
     def rope_tables(self) -> dict:
         """rope kind -> (cos, sin) names: graph inputs the backend fills for its KV capacity, or
         (export) initializers of context_length rows, as onnxruntime-genai's models have."""
-        m = self.m
         tables = {}
-        r = m.get("rotary_dim") or 0
+        r = self.spec.rotary_dim
         self.out.rope_in_gqa = r > 0 and (r // 2) % 8 == 0
         width = r // 2 if self.out.rope_in_gqa else r
-        for kind in m.get("rope_scaling") or {}:
+        for kind in self.spec.rope_scaling:
             names = (f"rope.{kind}.cos", f"rope.{kind}.sin")
             if self.out.genai_io:
                 cos, sin = rope_cos_sin(self.pack, kind, self.max_pos, self.out.rope_in_gqa)
@@ -368,7 +374,7 @@ class _Builder:
 
     def apply_rope(self, x: str, heads: int, cos: str, sin: str, pos_ids: str) -> str:
         """Rotate-half RoPE on the first R dims of each head with standard ops; x (B, T, heads*hd)."""
-        g, hd, r = self.g, self.hd, self.m["rotary_dim"]
+        g, hd, r = self.g, self.spec.head_dim, self.spec.rotary_dim
         x4 = self.reshape(x, [0, 0, heads, hd])
         c = g.node("Unsqueeze", [g.node("Gather", [cos, pos_ids], axis=0), g.const("axes", np.array([2]))])
         s = g.node("Unsqueeze", [g.node("Gather", [sin, pos_ids], axis=0), g.const("axes", np.array([2]))])
@@ -384,26 +390,23 @@ class _Builder:
             out = g.node("Concat", [out, sl(x4, r, hd)], axis=3)
         return self.reshape(out, [0, 0, heads * hd])
 
-    def attention(self, h, i, spec, seqlens, total, pos_ids, rope):
-        g, hd, p = self.g, self.hd, f"layers.{i}."
-        n_heads = self.pack.tensors[p + "attn.q.weight"]["shape"][0] // hd
-        n_kv = self.pack.tensors[p + "attn.k.weight"]["shape"][0] // hd
-        window = spec.get("window")
-        self.out.layers.append(LayerShape(n_heads, n_kv, hd, window))
-        kind = spec.get("rope")
-        roped = kind is not None and kind in rope
-        qkv = [p + "attn.q", p + "attn.k", p + "attn.v"]
-        if (not self.has(p + "attn.q_norm.weight") and (self.out.rope_in_gqa or not roped)
+    def attention(self, h, b, seqlens, total, pos_ids, rope):
+        g, a, i = self.g, b.attn, b.index
+        hd, n_heads, n_kv = a.head_dim, a.n_heads, a.n_kv
+        self.out.layers.append(LayerShape(n_heads, n_kv, hd, a.window))
+        roped = a.rope is not None and a.rope in rope
+        qkv = [a.q.name, a.k.name, a.v.name]
+        if (a.q_norm is None and (self.out.rope_in_gqa or not roped)
                 and self.fusable(qkv)):  # GroupQueryAttention takes q/k/v packed in one tensor
             q, k, v = self.linears(h, qkv), "", ""
         else:
             q, k, v = (self.linear(h, x) for x in qkv)
-        if self.has(p + "attn.q_norm.weight"):
-            q = self.reshape(self.norm(self.reshape(q, [0, 0, n_heads, hd]), p + "attn.q_norm")[0], [0, 0, -1])
-            k = self.reshape(self.norm(self.reshape(k, [0, 0, n_kv, hd]), p + "attn.k_norm")[0], [0, 0, -1])
+        if a.q_norm is not None:
+            q = self.reshape(self.norm(self.reshape(q, [0, 0, n_heads, hd]), a.q_norm)[0], [0, 0, -1])
+            k = self.reshape(self.norm(self.reshape(k, [0, 0, n_kv, hd]), a.k_norm)[0], [0, 0, -1])
         cos = sin = ""
         if roped:
-            cos, sin = rope[kind]
+            cos, sin = rope[a.rope]
             if not self.out.rope_in_gqa:
                 q = self.apply_rope(q, n_heads, cos, sin, pos_ids)
                 k = self.apply_rope(k, n_kv, cos, sin, pos_ids)
@@ -414,89 +417,13 @@ class _Builder:
         while inputs[-1] == "":
             inputs.pop()
         present = [f"present.{i}.key", f"present.{i}.value"]
-        out = g.node("GroupQueryAttention", inputs, n_out=3, domain=MS, name=p + "attn",
-                     outputs=[g.unique(p + "attn/out")] + present,
-                     num_heads=n_heads, kv_num_heads=n_kv, scale=float(self.m["attn_scale"]),
-                     local_window_size=int(window) if window else -1, do_rotary=int(bool(cos)))
+        out = g.node("GroupQueryAttention", inputs, n_out=3, domain=MS, name=b.prefix + "attn",
+                     outputs=[g.unique(b.prefix + "attn/out")] + present,
+                     num_heads=n_heads, kv_num_heads=n_kv, scale=float(self.spec.attn_scale),
+                     local_window_size=int(a.window) if a.window else -1, do_rotary=int(bool(cos)))
         for name in present:
             g.output(name, FLOAT, ["batch_size", n_kv, "total_sequence_length", hd])
-        return self.linear(out[0], p + "attn.o")
-
-
-def check_model(pack: Pack):
-    """Every model-description field and tensor shape the graph relies on, checked up front
-    (checksums do not cover the header): a malformed file is a FormatError at load, never a
-    graph onnxruntime rejects or a wrong answer."""
-    m, T = pack.header["model"], pack.tensors
-
-    def bad(what):
-        raise FormatError(f"{pack.path}: model description: {what}; convert the model again")
-
-    def num(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x))
-
-    def count(x):
-        return isinstance(x, int) and not isinstance(x, bool) and x > 0
-
-    def shape(name, want=None):
-        if name not in T:
-            bad(f"tensor {name} is missing")
-        got = tuple(T[name]["shape"])
-        if want is not None and got != tuple(want):
-            bad(f"tensor {name} has shape {list(got)}, expected {list(want)}")
-        return got
-
-    hd, ctx = m.get("head_dim"), m.get("context_length")
-    if not count(hd) or not count(ctx):
-        bad("head_dim and context_length must be positive integers")
-    if not (num(m.get("norm_eps")) and m["norm_eps"] >= 0 and num(m.get("attn_scale"))):
-        bad("norm_eps (>= 0) and attn_scale must be numbers")
-    for key in ("embed_scale", "final_softcap"):
-        if m.get(key) is not None and not num(m[key]):
-            bad(f"{key} {m[key]!r} is not a number")
-    if m.get("norm") not in ("rms", "layer") or m.get("act") not in ("silu", "gelu_tanh", "gelu", "relu"):
-        bad(f"unknown norm {m.get('norm')!r} or activation {m.get('act')!r}")
-    if not all(isinstance(m.get(k), bool) for k in ("learned_pos", "tied_head", "parallel_block")):
-        bad("learned_pos, tied_head and parallel_block must be booleans")
-    layers = m.get("layers")
-    if not (isinstance(layers, list) and layers and all(isinstance(x, dict) for x in layers)
-            and len(layers) == m.get("n_layers", len(layers))):
-        bad("layers must be a non-empty list of n_layers objects")
-    scaling = m.get("rope_scaling") or {}
-    if not isinstance(scaling, dict) or not all(num(v) for v in scaling.values()):
-        bad("rope_scaling must map rope kinds to numbers")
-    r = m.get("rotary_dim") or 0
-    if scaling and not (isinstance(r, int) and 0 < r <= hd and r % 2 == 0):
-        bad(f"rotary_dim {r!r} does not fit head_dim {hd}")
-    for kind in scaling:
-        shape(f"rope.{kind}.inv_freq", (r // 2,))
-    V, D = shape("embed.weight")
-    if m["learned_pos"] and (len(shape("pos_embed.weight")) != 2 or T["pos_embed.weight"]["shape"][1] != D
-                             or T["pos_embed.weight"]["shape"][0] < ctx):
-        bad(f"pos_embed.weight does not cover {ctx} positions of width {D}")
-    shape("final_norm.weight", (D,))
-    if not m["tied_head"]:
-        shape("head.weight", (V, D))
-    for i, spec in enumerate(layers):
-        p = f"layers.{i}."
-        q, k, v = shape(p + "attn.q.weight"), shape(p + "attn.k.weight"), shape(p + "attn.v.weight")
-        if q[1] != D or k != v or k[1] != D or q[0] % hd or k[0] % hd or not k[0] or (q[0] // hd) % (k[0] // hd):
-            bad(f"layer {i}: q {list(q)} / k {list(k)} / v {list(v)} do not form heads of {hd} over width {D}")
-        shape(p + "attn.o.weight", (D, q[0]))
-        f = shape(p + "mlp.up.weight")
-        if f[1] != D or (p + "mlp.gate.weight" in T and shape(p + "mlp.gate.weight") != f):
-            bad(f"layer {i}: MLP shapes do not fit width {D}")
-        shape(p + "mlp.down.weight", (D, f[0]))
-        for n in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm"):
-            if p + n + ".weight" in T:
-                shape(p + n + ".weight", (D,))
-        if not m["parallel_block"]:
-            shape(p + "mlp_norm.weight", (D,))
-        w, kind = spec.get("window"), spec.get("rope")
-        if w is not None and not count(w):
-            bad(f"layer {i}: window {w!r} is not a positive integer")
-        if kind is not None and (not isinstance(kind, str) or kind not in scaling):
-            bad(f"layer {i}: rope kind {kind!r} has no tables")
+        return self.linear(out[0], a.o.name)
 
 
 def build_decoder(pack: Pack, accuracy_level: int = 4, genai_io: bool = False,
@@ -505,9 +432,9 @@ def build_decoder(pack: Pack, accuracy_level: int = 4, genai_io: bool = False,
 
     fuse: run q/k/v (when GroupQueryAttention can take them packed) and gate/up as one matmul.
     Raises FormatError when the header's model description does not fit its tensors."""
-    check_model(pack)
+    spec = check_pack(pack.header, {n: t["shape"] for n, t in pack.tensors.items()}, f"{pack.path}: ")
     try:
-        return _Builder(pack, accuracy_level, genai_io, max_positions, fuse).build()
+        return _Builder(pack, spec, accuracy_level, genai_io, max_positions, fuse).build()
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as e:
         raise FormatError(f"{pack.path}: the model description does not fit the file's tensors "
                           f"({e.__class__.__name__}: {e}); convert the model again") from e

@@ -11,6 +11,7 @@ from tiny_models import FAMILIES, make_tiny
 from llmpack.converter import convert
 from llmpack.converter.quantize import calib as calib_mod
 from llmpack.formats import Pack, quant
+from llmpack.formats.blocks import describe_model
 from llmpack.runtime import load
 
 CALIB = dict(calib_samples=4, calib_seqlen=64)
@@ -131,16 +132,17 @@ def _layer_input(ckpt_dir, family, stage_wanted, layer=1):
 
     pack = Pack(ckpt_dir)
     m = pack.header["model"]
+    spec = describe_model(m, {n: t["shape"] for n, t in pack.tensors.items()})
     tok = Tokenizer(pack.header["tokenizer"], pack.blob(pack.header["tokenizer"]["blob"]))
     ids = calib_mod.samples(tok, calib_mod.default_text()[:20000], 8, 64, seed=0)
     inv = {k: pack.array(f"rope.{k}.inv_freq") for k in m.get("rope_scaling", {})}
-    x = embed_tokens(m, pack.array("embed.weight")[ids], pack.array("pos_embed.weight")
+    x = embed_tokens(spec, pack.array("embed.weight")[ids], pack.array("pos_embed.weight")
                      if "pos_embed.weight" in pack else None, ids)
     got = {}
     for i in range(layer + 1):
         p = f"layers.{i}."
         t = {n[len(p):]: np.array(pack.array(n)) for n in pack.tensors if n.startswith(p)}
-        runner = LayerRunner(m, i, t, inv)
+        runner = LayerRunner(spec, spec.blocks[i], t, inv)
 
         def cb(stage, names, X, i=i):
             if i == layer:
@@ -167,35 +169,36 @@ def test_gptq_beats_rtn_on_layer_output(bits, act_order, f32_packs):
 
 @pytest.mark.parametrize("family", ["llama", "phi", "opt", "gemma3_text", "gpt2"])
 def test_awq_scales_leave_the_function_unchanged(family, f32_packs):
-    from llmpack.converter.quantize.pipeline import _awq_stage
+    from llmpack.converter.quantize.awq import scale_group
     from llmpack.converter.quantize.options import QuantOptions
 
     _, t, runner, _ = _layer_input(f32_packs(family), family, "attn_in", layer=0)
     pack = Pack(f32_packs(family))
     m = pack.header["model"]
+    spec = describe_model(m, {n: t["shape"] for n, t in pack.tensors.items()})
     p = "layers.0."
     t0 = {n[len(p):]: np.array(pack.array(n)) for n in pack.tensors if n.startswith(p)}
     x = np.random.default_rng(1).standard_normal((2, 24, t0["attn.q.weight"].shape[1])).astype(np.float32)
     from llmpack.converter.quantize.layers import LayerRunner
 
     inv = {k: pack.array(f"rope.{k}.inv_freq") for k in m.get("rope_scaling", {})}
-    before = LayerRunner(m, 0, dict(t0), inv).run(x)
+    before = LayerRunner(spec, spec.blocks[0], dict(t0), inv).run(x)
     t1 = dict(t0)
     opts = QuantOptions(bits=3, method="awq")
     opts.validate()
     types = {f"{p}{n}": (3, 32) for n in t1 if n.endswith(".weight") and t1[n].ndim == 2}
-    r = LayerRunner(m, 0, t1, inv)
+    r = LayerRunner(spec, spec.blocks[0], t1, inv)
     scaled = []
 
     def cb(stage, names, X):
-        out = _awq_stage(t1, p, stage, names, X, types, opts, r.gated)
+        out = scale_group(t1, stage, names, X, [types[f"{p}{n}.weight"] for n in names], opts.sym, r.gated)
         if out is not None:
             scaled.append(stage)
         return out
     r.run(x, cb)
     assert "attn_in" in scaled  # scales were really found and folded
     assert any(not np.allclose(t1[n], t0[n]) for n in t0)
-    after = LayerRunner(m, 0, t1, inv).run(x)
+    after = LayerRunner(spec, spec.blocks[0], t1, inv).run(x)
     assert np.allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
 
 

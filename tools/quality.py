@@ -58,6 +58,16 @@ LLMPACK_CONFIGS = {
     "bpw5-gptq": ["--target-bpw", "5.0", "--method", "gptq"],
     "bpw4-gptq": ["--target-bpw", "4.0", "--method", "gptq"],
 }
+# Structural steps (issue 8), alone (f16 storage: the step's own damage) and composed with q4 GPTQ.
+for _f in ("0.1", "0.2", "0.3"):
+    LLMPACK_CONFIGS[f"slice{_f}"] = ["--slice", _f]
+    LLMPACK_CONFIGS[f"slice{_f}-q4-gptq"] = ["--slice", _f, "--bits", "4", "--method", "gptq"]
+for _f in ("0.1", "0.25", "0.5"):
+    LLMPACK_CONFIGS[f"mlp{_f}"] = ["--prune-mlp", _f]
+    LLMPACK_CONFIGS[f"mlp{_f}-q4-gptq"] = ["--prune-mlp", _f, "--bits", "4", "--method", "gptq"]
+for _n in ("2", "4", "6"):
+    LLMPACK_CONFIGS[f"drop{_n}"] = ["--drop-layers", _n]
+    LLMPACK_CONFIGS[f"drop{_n}-q4-gptq"] = ["--drop-layers", _n, "--bits", "4", "--method", "gptq"]
 LLAMACPP_TYPES = ("Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K")
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",

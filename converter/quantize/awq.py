@@ -63,3 +63,22 @@ def fold(t: dict, stage: str, names: list[str], s: np.ndarray, gated: bool) -> b
     for n in names:
         t[n + ".weight"] = t[n + ".weight"] * s[None, :]
     return True
+
+
+def scale_group(t: dict, stage: str, names: list[str], X: np.ndarray, kinds: list, symmetric, gated: bool,
+                seed: int = 0):
+    """Search and fold AWQ scales for one group of linears (short names in `t`) reading X at
+    `stage`; `kinds` their storage plans, `symmetric(bits)` the zero-point rule. Returns the
+    rescaled input X / s, or None where the group is left as it is (part of it stays float, or
+    the producer of its input cannot absorb 1/s)."""
+    if not all(isinstance(k, tuple) for k in kinds):
+        return None
+    bits, g = min(kinds)  # search for the coarsest member
+    if stage == "o_in" and t["attn.v.weight"].shape[0] != t["attn.o.weight"].shape[1]:
+        return None
+    if stage == "res_in" or (stage == "down_in" and not gated):
+        return None
+    s = search_scales(X, [t[f"{n}.weight"] for n in names], bits, g, symmetric(bits), seed=seed)
+    if not fold(t, stage, names, s, gated):
+        return None
+    return X / s

@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass, field
 
 from llmpack.formats.errors import LlmpackError
-from llmpack.formats.spec import GROUP_SIZES, bits_per_weight, quantized_nbytes, sparse_type
+from llmpack.formats.spec import GROUP_SIZES, quantized_nbytes
 
 from . import sparsity as sparsity_mod
 
@@ -116,14 +116,8 @@ def is_quantized(kind) -> bool:
     return isinstance(kind, tuple)
 
 
-def kind_bits(kind, shape, opts, name: str | None = None) -> int:
-    """Storage bits of a tensor under a plan entry (pruned per --sparsity if `name` is pruned;
-    the kept fraction as asked: the mask type may keep fewer, weights quantized to 0 drop out)."""
-    if is_quantized(kind) and name is not None and opts.sparse is not None and sparsity_mod.applies(name):
-        bits, g = kind
-        typ = sparse_type(bits, opts.sparse.pattern)
-        return round(shape[0] * g * -(-shape[1] // g)
-                     * bits_per_weight(typ, g, not opts.sym(bits), 1 - opts.sparse.fraction))
+def kind_bits(kind, shape, opts) -> int:
+    """Storage bits of a tensor under a plan entry."""
     if is_quantized(kind):
         return tensor_bits(kind[0], shape, kind[1], opts.sym(kind[0]))
     return shape[0] * shape[1] * {"f32": 32, "f16": 16, "bf16": 16}[kind]

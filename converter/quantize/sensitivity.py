@@ -33,6 +33,8 @@ from llmpack.formats import quant
 from llmpack.formats.errors import LlmpackError
 from llmpack.runtime.progress import Progress
 
+from ..arch import map_name
+from ..source import apply_rewrite
 from .options import kind_bits, tensor_bits
 
 CANDIDATE_BITS = (2, 3, 4, 8)
@@ -79,8 +81,6 @@ def fisher_stats(ckpt, fam, ids: np.ndarray, seed: int = 0, max_tokens: int = FI
     {"x2": E[x^2] (K,), "g2": E[g^2] (N,)} and the embedding's per-position (ids, g^2)."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from ..arch import map_name
 
     if quiet:
         from transformers.utils import logging as hf_logging
@@ -145,14 +145,11 @@ def _rtn_error(W, bits, g, opts, importance=None):
 
 def measure(ckpt, fam, source, shapes, free, ids, opts, model_desc, quiet=False) -> dict:
     """name -> {bits: damage} for every free tensor."""
-    from ..convert import _apply_rewrite
 
     fisher, emb_records = fisher_stats(ckpt, fam, ids, opts.seed, quiet=quiet)
     # per canonical tensor: (x2 (K,), g2 (N,)) from the HF module statistics (fused qkv split in 3)
     canon_stats = {}
     tied_head = None
-    from ..arch import map_name
-
     for hf, st in fisher.items():
         canon, rewrite = map_name(fam, hf)
         if rewrite == "qkv":
@@ -171,7 +168,7 @@ def measure(ckpt, fam, source, shapes, free, ids, opts, model_desc, quiet=False)
         names = [canon.replace("{q,k,v}", x) for x in "qkv"] if rewrite == "qkv" else [canon]
         if not wanted.intersection(names):
             continue
-        for name, W in _apply_rewrite(canon, ckpt.get(hf), rewrite):
+        for name, W in apply_rewrite(canon, ckpt.get(hf), rewrite):
             if name not in wanted:
                 continue
             d = {}

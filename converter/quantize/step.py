@@ -1,0 +1,98 @@
+"""Calibrated quantization (GPTQ / AWQ / RTN with importance) as a step of the layer stream.
+
+1. the embedding is quantized (RTN, row-wise); only the calibration tokens' rows are
+   dequantized to form the batch x (B, T, D);
+2. each block: with AWQ it first runs in full precision and the searched scales are folded in;
+   then it runs again, stage by stage (layers.LayerRunner), and each group of linears is
+   quantized as soon as its input is known — q/k/v see the quantized earlier blocks, o the
+   quantized q/k/v, down the quantized gate/up (GPTQ's "true sequential" order). The output of
+   the quantized block is the next block's input;
+3. the head is quantized by GPTQ on the final hidden states.
+Quantized parts are handed to the stream (Stream.parts), which writes them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from llmpack.formats import quant, sparse
+
+from ..stream import Step, Stream
+from . import awq, sparsity
+from .gptq import HessianFactor, gptq_quantize
+from .layers import final_hidden
+from .options import is_quantized
+
+
+class QuantizeStep(Step):
+    name = "quantize"
+
+    def __init__(self, opts):
+        self.opts = opts
+
+    def options(self) -> dict:
+        return self.opts.describe()
+
+    def group(self, s: Stream, t: dict, prefix: str, names: list[str], X: np.ndarray):
+        """Quantize the linears `names` (short names under `prefix`) that read input X."""
+        todo = [n for n in names if is_quantized(s.kind(f"{prefix}{n}.weight"))]
+        if not todo:
+            return
+        Xf = X.reshape(-1, X.shape[-1])
+        opts = self.opts
+        if opts.uses_gptq:
+            H = (Xf.T @ Xf).astype(np.float64) / len(Xf)
+            pruning = opts.sparse is not None and sparsity.applies(prefix)  # SparseGPT: natural column order
+            factor = HessianFactor(H, act_order=opts.act_order and not pruning, damp=opts.damp)
+        else:
+            imp = (Xf.astype(np.float64) ** 2).mean(axis=0)
+        for n in todo:
+            key = f"{n}.weight"
+            W = t[key]
+            bits, g = s.kind(prefix + key)
+            if W.shape[1] < g:
+                continue  # narrower than a group: the stream keeps it float
+            sp = opts.sparse if sparsity.applies(prefix + key) else None
+            if opts.uses_gptq:  # SparseGPT when pruning
+                parts, deq = gptq_quantize(W, factor, bits, g, opts.sym(bits), prune=sparsity.sparsegpt_selector(sp))
+            else:
+                if sp is not None:  # Wanda
+                    W = W * sparsity.wanda_keep(sp, W, imp)
+                parts = quant.quantize_rtn(W, bits, g, opts.sym(bits), importance=imp)
+                deq = quant.dequantize(parts, W.shape, bits, g)
+            typ, nnz = f"q{bits}", None
+            if sp is not None:  # stored without the zero weights (if that is smaller); expands to `deq`
+                typ, parts, nnz = sparse.smallest(parts, bits, g, sp.pattern)
+            s.parts[prefix + key] = (typ, g, W.shape, parts, nnz)
+            t[key] = deq
+
+    def pre(self, s: Stream, pre: dict):
+        kind = s.kind("embed.weight")
+        if not is_quantized(kind):
+            return
+        emb = pre["embed.weight"]  # row-wise RTN; only the calibration tokens' rows are dequantized
+        bits, g = kind
+        parts = quant.quantize_rtn(emb, bits, g, self.opts.sym(bits))
+        s.parts["embed.weight"] = (f"q{bits}", g, emb.shape, parts, None)
+        s.embed_rows = quant.dequantize(parts, emb.shape, bits, g, rows=s.ids.ravel())
+
+    def layer(self, s: Stream, j: int, t: dict, x):
+        prefix = f"layers.{j}."
+        runner = s.runner(j, t)
+        if self.opts.uses_awq:
+            runner.run(x, lambda stage, names, X: self._awq_stage(s, t, prefix, stage, names, X, runner.gated))
+        return runner.run(x, lambda stage, names, X: self.group(s, t, prefix, names, X))
+
+    def post(self, s: Stream, post: dict, x):
+        if "head.weight" not in post or not is_quantized(s.kind("head.weight")):
+            return
+        hx = final_hidden(s.model["norm"], s.spec.norm_eps, x, post)
+        if self.opts.uses_awq:
+            bits, g = s.kind("head.weight")
+            sc = awq.search_scales(hx, [post["head.weight"]], bits, g, self.opts.sym(bits), seed=self.opts.seed)
+            awq.fold(post, "head_in", ["head"], sc, gated=False)
+            hx = hx / sc
+        self.group(s, post, "", ["head"], hx)
+
+    def _awq_stage(self, s, t, prefix, stage, names, X, gated):
+        kinds = [s.kind(f"{prefix}{n}.weight") for n in names]
+        return awq.scale_group(t, stage, names, X, kinds, self.opts.sym, gated, seed=self.opts.seed)

@@ -1,0 +1,108 @@
+"""One recipe drives a conversion: which steps run, in which order, with which options.
+
+    read -> [drop layers] -> [slice] -> [prune heads / MLP] -> [quantize] -> write -> [evaluate]
+
+Options are validated here, before any work, each failure one line naming the option and the
+fix; the recipe as run (each step and its options) is recorded in the file's header.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmpack.formats.errors import LlmpackError
+
+from .quantize.options import QuantOptions
+
+DTYPES = ("f32", "f16", "bf16", "q8")
+
+
+@dataclass
+class StructureOptions:
+    slice: float | None = None  # fraction of the residual width removed (SliceGPT)
+    prune_mlp: float | None = None  # fraction of MLP neurons removed per block
+    prune_heads: float | None = None  # KV groups removed per block: a count (>= 1) or a fraction (< 1)
+    drop_layers: int | None = None  # whole blocks removed
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.slice, self.prune_mlp, self.prune_heads, self.drop_layers))
+
+    def validate(self):
+        if self.slice is not None and not 0 <= self.slice < 1:
+            raise LlmpackError(f"--slice {self.slice}: give the fraction of the hidden size to remove, in [0, 1)")
+        if self.prune_mlp is not None and not 0 <= self.prune_mlp < 1:
+            raise LlmpackError(f"--prune-mlp {self.prune_mlp}: give the fraction of MLP neurons to remove, in [0, 1)")
+        h = self.prune_heads
+        if h is not None and not (0 <= h < 1 or (h >= 1 and float(h).is_integer())):
+            raise LlmpackError(f"--prune-heads {h}: give a whole number of KV head groups per layer or a "
+                               f"fraction in [0, 1)")
+        if self.drop_layers is not None and self.drop_layers < 0:
+            raise LlmpackError(f"--drop-layers {self.drop_layers}: give a number of layers >= 0")
+
+    def check_model(self, model: dict, shapes: dict, family: str):
+        """Checks that need the model: counts against its layers and heads."""
+        n = model["n_layers"]
+        if self.drop_layers is not None and self.drop_layers >= n:
+            raise LlmpackError(f"--drop-layers {self.drop_layers}: the model has {n} layers; drop at most {n - 1}")
+        if self.slice is not None and model.get("sandwich_norms"):
+            raise LlmpackError(f"--slice: {family}'s norms after each attention and MLP output (sandwich norms) "
+                               f"do not commute with SliceGPT's rotation; slice llama, mistral, qwen2, phi, opt "
+                               f"or gpt2 models")
+        if self.prune_heads is not None and self.prune_heads >= 1:
+            hd = model["head_dim"]
+            n_kv = min(shapes[f"layers.{i}.attn.k.weight"][0] // hd for i in range(n))
+            if self.prune_heads >= n_kv:
+                raise LlmpackError(f"--prune-heads {int(self.prune_heads)}: layers have {n_kv} KV head groups; "
+                                   f"remove at most {n_kv - 1}")
+
+    def describe(self) -> dict:
+        return {k: v for k, v in (("slice", self.slice), ("prune_mlp", self.prune_mlp),
+                                  ("prune_heads", self.prune_heads), ("drop_layers", self.drop_layers))
+                if v is not None}
+
+
+@dataclass
+class Recipe:
+    dtype: str = "f16"
+    quant: QuantOptions = field(default_factory=QuantOptions)
+    structure: StructureOptions = field(default_factory=StructureOptions)
+    eval_text: str | None = None
+    eval_windows: int = 16
+    eval_ctx: int = 512
+    sensitivity_file: str | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.quant.calibrated or self.structure.any
+
+    @classmethod
+    def from_options(cls, dtype: str = "f16", group_size: int | None = None, bits: int | None = None,
+                     method: str = "rtn", keep=(), target_bpw: float | None = None, calib=None,
+                     calib_samples: int = 16, calib_seqlen: int = 512, seed: int = 0,
+                     symmetric: bool | None = None, act_order: bool = True, damp: float = 0.01,
+                     eval_text=None, eval_windows: int = 16, eval_ctx: int = 512, sensitivity_file=None,
+                     slice=None, prune_mlp=None, prune_heads=None, drop_layers=None, sparsity=None) -> "Recipe":
+        """The keyword options of `convert()` / the CLI, validated (LlmpackError on the first bad one)."""
+        if dtype not in DTYPES:
+            raise LlmpackError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        if dtype == "q8":
+            if bits not in (None, 8):
+                raise LlmpackError(f"--dtype q8 contradicts --bits {bits}; give only --bits")
+            bits, dtype = 8, "f16"
+        quant = QuantOptions(bits=bits, group_size=group_size or 32, group_explicit=group_size is not None,
+                             method=method, symmetric=symmetric, keep=list(keep or ()), target_bpw=target_bpw,
+                             calib=None if calib is None else str(calib), calib_samples=calib_samples,
+                             calib_seqlen=calib_seqlen, seed=seed, act_order=act_order, damp=damp,
+                             sparsity=sparsity)
+        quant.validate()
+        structure = StructureOptions(slice, prune_mlp, prune_heads, drop_layers)
+        structure.validate()
+        if structure.any and target_bpw is not None:
+            raise LlmpackError("--target-bpw measures the unpruned model; combine slicing/pruning with --bits instead")
+        if sensitivity_file is not None:
+            if target_bpw is None:
+                raise LlmpackError("--sensitivity only applies with --target-bpw; add --target-bpw X or drop it")
+            if not Path(sensitivity_file).parent.is_dir():
+                raise LlmpackError(f"--sensitivity {sensitivity_file}: no such folder {Path(sensitivity_file).parent}")
+        return cls(dtype, quant, structure, eval_text, eval_windows, eval_ctx, sensitivity_file)

@@ -1,0 +1,1 @@
+"""Structural compression steps of the layer stream (see converter/stream.py)."""
