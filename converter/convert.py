@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,38 @@ from .quantize.step import QuantizeStep
 from .recipe import DTYPES, Recipe  # noqa: F401  (DTYPES: the CLI's and tests' list)
 from .source import TensorSource, canonical_shapes, order_key, plan_names
 from .steps import layer_drop, pruning, slicing
+
+
+@dataclass
+class Source:
+    """What reading the checkpoint yields: the plan of every tensor, before any is loaded."""
+
+    ckpt: Checkpoint
+    family: str
+    fam: object  # arch.Family
+    model: dict  # the header's model description (steps edit it)
+    extra: dict  # tensors the converter computes (RoPE tables)
+    plan: list  # (hf name, canonical name, rewrite)
+    shapes: dict  # canonical name -> shape
+    hf_of: dict  # canonical name -> hf name
+    tokenizer: tuple  # (section, blob name, blob bytes)
+
+
+def read(src, recipe: Recipe) -> Source:
+    """The checkpoint's description, tensor plan and tokenizer; refuses what cannot run."""
+    ckpt = Checkpoint(src)
+    mt, fam = family_for(ckpt.config_dict)
+    cfg = load_config(ckpt)
+    tok = tokenizer_files.collect(ckpt)
+    plan = plan_names(ckpt, fam, mt)
+    model, extra = describe(mt, fam, cfg, any(c == "head.weight" for _, c, _ in plan))
+    if model["tied_head"]:
+        plan = [p for p in plan if not p[1].startswith("head.weight")]
+    plan.sort(key=lambda p: order_key(p[1]))
+    _check_complete(model, fam, {c for _, c, _ in plan})
+    shapes, hf_of = canonical_shapes(ckpt, plan)
+    recipe.structure.check_model(model, shapes, mt)
+    return Source(ckpt, mt, fam, model, extra, plan, shapes, hf_of, tok)
 
 
 def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **options) -> dict:
@@ -51,71 +84,28 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
         check_windows(recipe.eval_windows, recipe.eval_ctx, ("--eval-windows", "--eval-ctx"))  # before converting
         eval_src = read_text(recipe.eval_text)
     t0 = time.time()
-    ckpt = Checkpoint(src)
-    mt, fam = family_for(ckpt.config_dict)
-    cfg = load_config(ckpt)
-    tok_section, tok_blob_name, tok_blob = tokenizer_files.collect(ckpt)
-    plan = plan_names(ckpt, fam, mt)
-    model, extra = describe(mt, fam, cfg, any(c == "head.weight" for _, c, _ in plan))
-    if model["tied_head"]:
-        plan = [p for p in plan if not p[1].startswith("head.weight")]
-    plan.sort(key=lambda p: order_key(p[1]))
-    _check_complete(model, fam, {c for _, c, _ in plan})
-    shapes, hf_of = canonical_shapes(ckpt, plan)
-    recipe.structure.check_model(model, shapes, mt)
-    types = plan_types(opts, shapes, hf_of, recipe.dtype) if (opts.quantized or opts.keep) else {}
-    if opts.target_bpw is not None:
-        from .quantize import sensitivity
-
-        sensitivity.check_budget(opts, types, shapes, hf_of)
-
-    ids, calib_info = _calibration(recipe, tok_section, tok_blob)
-    source = TensorSource(ckpt, plan, model["n_layers"])
-    spec = describe_model(model, {**shapes, **{k: v.shape for k, v in extra.items()}})
-    allocation = None
-    if opts.target_bpw is not None:
-        from .quantize import sensitivity
-
-        allocation = sensitivity.allocate(ckpt, fam, source, model, shapes, types, hf_of, opts, ids, quiet=quiet,
-                                          cache=recipe.sensitivity_file, calib_info=calib_info)
-        types.update(allocation["types"])
-
-    s = stream_mod.Stream(source=source, model=model, spec=spec, ids=ids, types=types, opts=opts,
-                          float_dtype=recipe.dtype, layers=list(range(model["n_layers"])),
-                          inv_freq={k.split(".")[1]: v for k, v in extra.items() if k.startswith("rope.")})
+    r = read(src, recipe)
+    types = plan_types(opts, r.shapes, r.hf_of, recipe.dtype) if (opts.quantized or opts.keep) else {}
+    ids, calib_info = _calibration(recipe, r.tokenizer)
+    s = stream_mod.Stream(source=TensorSource(r.ckpt, r.plan, r.model["n_layers"]), model=r.model,
+                          spec=describe_model(r.model, {**r.shapes, **{k: v.shape for k, v in r.extra.items()}}),
+                          ids=ids, types=types, opts=opts, float_dtype=recipe.dtype,
+                          layers=list(range(r.model["n_layers"])),
+                          inv_freq={k.split(".")[1]: v for k, v in r.extra.items() if k.startswith("rope.")})
+    allocation = _allocate(r, s, recipe, calib_info, quiet) if opts.target_bpw is not None else None
     steps, done = _steps(recipe, s, quiet)
-
-    options = {"dtype": recipe.dtype, "group_size": opts.group_size if opts.quantized else None}
-    if opts.quantized:
-        options.update(opts.describe(), calibration=calib_info)
-    header = {
-        "model": model,
-        "config": ckpt.config_dict,
-        "tokenizer": tok_section,
-        "generation": {k: v for k, v in ckpt.json_file("generation_config.json").items()
-                       if k != "transformers_version"},
-        "provenance": {
-            "converter": __version__,
-            "source": ckpt.sha256_files(),
-            "source_dtypes": sorted(ckpt.dtypes()),
-            "options": options,
-        },
-        "recipe": done,
-        "quality": [],
-    }
-    if allocation is not None:
-        header["provenance"]["allocation"] = allocation["summary"]
+    header = _header(r, recipe, calib_info, done, allocation)
     with PackWriter(out) as w:
-        for name, arr in extra.items():
+        for name, arr in r.extra.items():
             w.add_array(name, arr, "f32")
         t1 = time.time()
         stream_mod.run(s, steps, w, quiet=quiet)
-        for step in steps:
-            done.append({"step": step.name, **step.options()})
+        done += [{"step": step.name, **step.options()} for step in steps]
         if steps:  # the stream runs its steps together: its time goes to the record of the last
             done[-1]["seconds"] = round(time.time() - t1, 2)
-        w.add_blob(tok_blob_name, tok_blob)
+        w.add_blob(r.tokenizer[1], r.tokenizer[2])
         header["model"]["n_layers"] = len(header["model"]["layers"])
+        options = header["provenance"]["options"]
         if opts.quantized:
             options["bits_per_weight"] = round(_bits_per_weight(w), 4)
         header["provenance"]["seconds"] = round(time.time() - t0, 2)
@@ -126,10 +116,48 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
     return _read_header(out)
 
 
-def _calibration(recipe: Recipe, tok_section, tok_blob):
+def _allocate(r: Source, s, recipe: Recipe, calib_info, quiet: bool) -> dict:
+    """--target-bpw: per-tensor bits from the measured sensitivity; updates the stream's plan."""
+    from .quantize import sensitivity
+
+    opts = recipe.quant
+    sensitivity.check_budget(opts, s.types, r.shapes, r.hf_of)
+    allocation = sensitivity.allocate(r.ckpt, r.fam, s.source, r.model, r.shapes, s.types, r.hf_of, opts, s.ids,
+                                      quiet=quiet, cache=recipe.sensitivity_file, calib_info=calib_info)
+    s.types.update(allocation["types"])
+    return allocation
+
+
+def _header(r: Source, recipe: Recipe, calib_info, done: list, allocation) -> dict:
+    opts = recipe.quant
+    options = {"dtype": recipe.dtype, "group_size": opts.group_size if opts.quantized else None}
+    if opts.quantized:
+        options.update(opts.describe(), calibration=calib_info)
+    header = {
+        "model": r.model,
+        "config": r.ckpt.config_dict,
+        "tokenizer": r.tokenizer[0],
+        "generation": {k: v for k, v in r.ckpt.json_file("generation_config.json").items()
+                       if k != "transformers_version"},
+        "provenance": {
+            "converter": __version__,
+            "source": r.ckpt.sha256_files(),
+            "source_dtypes": sorted(r.ckpt.dtypes()),
+            "options": options,
+        },
+        "recipe": done,
+        "quality": [],
+    }
+    if allocation is not None:
+        header["provenance"]["allocation"] = allocation["summary"]
+    return header
+
+
+def _calibration(recipe: Recipe, tokenizer: tuple):
     """Calibration tokens (B, T) and their record, when any step calibrates."""
     if not recipe.calibrated:
         return None, None
+    tok_section, _, tok_blob = tokenizer
     from llmpack.runtime.tokenizer import Tokenizer
 
     opts = recipe.quant
