@@ -12,6 +12,7 @@ EXAMPLE = """examples:
   llmpack convert SRC -o q4.llmpack --bits 4 --method awq+gptq --keep head=8 --eval-text standards.txt
   llmpack convert SRC -o mixed.llmpack --target-bpw 3.5 --method gptq
   llmpack convert SRC -o small.llmpack --slice 0.2 --prune-mlp 0.2 --bits 4 --method gptq --eval
+  llmpack convert SRC -o sparse.llmpack --bits 4 --method gptq --sparsity 2:4
 
 methods: rtn (round to nearest, clipping range searched per group; no calibration),
 gptq (layer by layer on calibration activations), awq (activation-aware scales + RTN),
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--target-bpw: keep the measured per-tensor sensitivity in FILE and reuse it when "
                         "FILE matches this checkpoint, calibration and options (another target then skips "
                         "the measurement, like llama.cpp's --imatrix)")
+    q.add_argument("--sparsity", metavar="S",
+                   help="prune the decoder layers' weights (embedding and head stay dense), stored so the file "
+                        "really shrinks: a fraction in (0, 1) (unstructured, e.g. 0.5) or 2:4; needs --bits; "
+                        "Wanda-style selection, SparseGPT-style with --method gptq; calibrates")
     st = p.add_argument_group("structure (calibrated; composes with quantization, applied in this order)")
     st.add_argument("--drop-layers", type=_int, metavar="N", help="remove N whole layers, chosen one at a time by "
                     "the measured KL divergence of dropping each")
@@ -56,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "fraction F < 1), least important first (|W_o| x ||context||)")
     st.add_argument("--prune-mlp", type=_float, metavar="F", help="remove fraction F of each layer's MLP neurons, "
                     "least important first (|W_down| x ||activation||), mean contribution kept as a bias")
-    c = p.add_argument_group("calibration (gptq, awq, --target-bpw, structure)")
+    c = p.add_argument_group("calibration (gptq, awq, --target-bpw, --sparsity, structure)")
     c.add_argument("--calib", metavar="FILE", help="calibration text file (default: the shipped text)")
     c.add_argument("--calib-samples", type=_int, default=16, help="calibration windows (default 16)")
     c.add_argument("--calib-seqlen", type=_int, default=512, help="tokens per calibration window (default 512)")
@@ -107,5 +112,5 @@ def main(argv) -> int:
             symmetric=args.symmetric, act_order=not args.no_act_order, damp=args.damp,
             eval_text=eval_text, eval_windows=args.eval_windows, eval_ctx=args.eval_ctx,
             sensitivity_file=args.sensitivity, slice=args.slice, prune_mlp=args.prune_mlp,
-            prune_heads=args.prune_heads, drop_layers=args.drop_layers)
+            prune_heads=args.prune_heads, drop_layers=args.drop_layers, sparsity=args.sparsity)
     return 0

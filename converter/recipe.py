@@ -82,7 +82,7 @@ class Recipe:
                      calib_samples: int = 16, calib_seqlen: int = 512, seed: int = 0,
                      symmetric: bool | None = None, act_order: bool = True, damp: float = 0.01,
                      eval_text=None, eval_windows: int = 16, eval_ctx: int = 512, sensitivity_file=None,
-                     slice=None, prune_mlp=None, prune_heads=None, drop_layers=None) -> "Recipe":
+                     slice=None, prune_mlp=None, prune_heads=None, drop_layers=None, sparsity=None) -> "Recipe":
         """The keyword options of `convert()` / the CLI, validated (LlmpackError on the first bad one)."""
         if dtype not in DTYPES:
             raise LlmpackError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -93,7 +93,8 @@ class Recipe:
         quant = QuantOptions(bits=bits, group_size=group_size or 32, group_explicit=group_size is not None,
                              method=method, symmetric=symmetric, keep=list(keep or ()), target_bpw=target_bpw,
                              calib=None if calib is None else str(calib), calib_samples=calib_samples,
-                             calib_seqlen=calib_seqlen, seed=seed, act_order=act_order, damp=damp)
+                             calib_seqlen=calib_seqlen, seed=seed, act_order=act_order, damp=damp,
+                             sparsity=sparsity)
         quant.validate()
         structure = StructureOptions(slice, prune_mlp, prune_heads, drop_layers)
         structure.validate()

@@ -34,7 +34,7 @@ class Stream:
     opts: object  # quantize.options.QuantOptions
     float_dtype: str
     layers: list = field(default_factory=list)  # source block indices kept, in output order
-    parts: dict = field(default_factory=dict)  # name -> (bits, g, shape, parts) quantized by a step
+    parts: dict = field(default_factory=dict)  # name -> (type, g, shape, parts, nnz) quantized by a step
     embed_rows: np.ndarray | None = None  # calibration rows of the stored embedding, if a step set them
 
     def block(self, j: int, t: dict) -> Block:
@@ -59,8 +59,8 @@ class Stream:
 
     def write(self, writer, name: str, arr: np.ndarray):
         if name in self.parts:
-            bits, g, shape, parts = self.parts.pop(name)
-            writer.add(name, f"q{bits}", shape, parts, group_size=g)
+            typ, g, shape, parts, nnz = self.parts.pop(name)
+            writer.add(name, typ, shape, parts, group_size=g, nnz=nnz)
             return
         kind = self.kind(name)
         if is_quantized(kind) and arr.shape[1] < kind[1]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import quant
+from . import quant, sparse
 from .errors import FormatError
 from .schema import check_header, is_int
 from .spec import (ALIGN, FORMAT_VERSION, HEADER_CRC_OFFSET, MAGIC, MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES,
@@ -67,7 +67,7 @@ class Pack:
     def parts(self, name: str) -> dict[str, np.ndarray]:
         """Zero-copy views of a tensor's stored parts."""
         t = self.tensors[name]
-        layout = part_layout(t["type"], tuple(t["shape"]), t.get("group_size"), "zeros" in t["parts"])
+        layout = part_layout(t["type"], tuple(t["shape"]), t.get("group_size"), "zeros" in t["parts"], t.get("nnz"))
         out = {}
         for pname, (dtype, shape) in layout.items():
             off, n, _ = t["parts"][pname]
@@ -91,6 +91,8 @@ class Pack:
         if kind == "bf16":
             a = p["data"] if rows is None else p["data"][rows]
             return (a.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        if STORAGE_TYPES[kind].sparse:
+            return sparse.dequantize(p, kind, tuple(t["shape"]), t["group_size"], t.get("nnz"), rows)
         if STORAGE_TYPES[kind].quantized:
             return quant.dequantize(p, tuple(t["shape"]), STORAGE_TYPES[kind].bits, t["group_size"], rows)
         raise FormatError(f"tensor {name} of type {kind} is not numeric")
@@ -179,11 +181,16 @@ def _check_directory(header, header_span, path):
         if STORAGE_TYPES[kind].quantized and (len(shape) != 2 or not is_int(g) or g not in GROUP_SIZES):
             raise FormatError(f"{path}: quantized tensor {name} needs a 2-D shape and a group size "
                               f"in {GROUP_SIZES}, got {shape} / {g!r}")
+        nnz = t.get("nnz")
+        if STORAGE_TYPES[kind].sparse == "mask" and not (
+                _is_int(nnz) and 0 <= nnz <= shape[0] * math.ceil(shape[1] / g) * g and nnz < 1 << 32):
+            raise FormatError(f"{path}: masked tensor {name} needs a count of kept weights 'nnz' between 0 and "
+                              f"its padded size, got {nnz!r}; the file is corrupt")
         parts = t.get("parts")
         if not isinstance(parts, dict):
             raise FormatError(f"{path}: tensor {name} has no parts object (got {type(parts).__name__}); "
                               f"the file is corrupt")
-        layout = part_layout(kind, tuple(shape), g, "zeros" in parts)
+        layout = part_layout(kind, tuple(shape), g, "zeros" in parts, nnz)
         if set(parts) != set(layout):
             raise FormatError(f"{path}: tensor {name} has parts {sorted(parts)}, expected {sorted(layout)}")
         for pname, (dtype, pshape) in layout.items():

@@ -66,17 +66,21 @@ class PackWriter:
                                f"free some space or choose another output folder; nothing was written") from exc
         return False
 
-    def add(self, name: str, type_name: str, shape, parts: dict[str, np.ndarray], group_size: int | None = None):
-        """Append one tensor given its parts (already in storage form, see spec.part_layout)."""
+    def add(self, name: str, type_name: str, shape, parts: dict[str, np.ndarray], group_size: int | None = None,
+            nnz: int | None = None):
+        """Append one tensor given its parts (already in storage form, see spec.part_layout);
+        `nnz` (kept weights) for the sparse mask types."""
         if name in self._names:
             raise ValueError(f"duplicate tensor {name}")
         shape = tuple(int(s) for s in shape)
-        layout = part_layout(type_name, shape, group_size, "zeros" in parts)
+        layout = part_layout(type_name, shape, group_size, "zeros" in parts, nnz)
         if set(layout) != set(parts):
             raise ValueError(f"{name}: parts {sorted(parts)} != {sorted(layout)} for type {type_name}")
         entry = {"name": name, "type": type_name, "shape": list(shape), "parts": {}}
         if group_size is not None:
             entry["group_size"] = group_size
+        if nnz is not None:
+            entry["nnz"] = int(nnz)
         for pname, (dtype, pshape) in layout.items():
             arr = np.asarray(parts[pname], order="C")  # (ascontiguousarray would make a scalar 1-D)
             if arr.dtype != np.dtype(dtype) or arr.shape != pshape:

@@ -147,12 +147,15 @@ class _Builder:
         t = self.pack.tensors[name]
         parts = self.pack.parts(name)
         bits = QUANT_BITS[t["type"]]
-        if bits == 3:  # no 3-bit MatMulNBits kernel: widened to the q4 layout (private memory, 4/3 the bytes)
+        sparse = STORAGE_TYPES[t["type"]].sparse  # no sparse kernel: expanded to q{bits} (private memory)
+        if bits == 3 or sparse:  # no 3-bit MatMulNBits kernel: widened to the q4 layout (4/3 the bytes)
             from llmpack.formats.quant import widen_q3_to_q4
+            from llmpack.formats.sparse import expand
 
             if name not in self._widened:  # once per tensor: a tied head shares the embedding's copy
-                self._widened[name] = widen_q3_to_q4(parts)
-            parts, bits = self._widened[name], 4
+                dense = expand(parts, t["type"], t["shape"], t["group_size"], t.get("nnz")) if sparse else parts
+                self._widened[name] = widen_q3_to_q4(dense) if bits == 3 else dense
+            parts, bits = self._widened[name], 4 if bits == 3 else bits
         data = parts["data"]
         b = (self.weight(name + "/data2d", data.reshape(data.shape[0], -1)) if flat
              else self.weight(name + "/data", data))

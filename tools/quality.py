@@ -44,6 +44,11 @@ LLMPACK_CONFIGS = {
     "q4-awq+gptq": ["--bits", "4", "--method", "awq+gptq"],
     "q3-gptq": ["--bits", "3", "--method", "gptq"],
     "q2-gptq": ["--bits", "2", "--method", "gptq"],
+    # sparsity (SparseGPT inside GPTQ): ~3.6 bits/weight in the layers, the size of q3-gptq
+    "q4-gptq-s50": ["--bits", "4", "--method", "gptq", "--sparsity", "0.5"],
+    "q4-gptq-s24": ["--bits", "4", "--method", "gptq", "--sparsity", "2:4"],
+    # the same with the (dense) embedding and head at 3 bits: the whole file the size of q3-gptq
+    "q4-gptq-s50-eh3": ["--bits", "4", "--method", "gptq", "--sparsity", "0.5", "--keep", "embed=3", "--keep", "head=3"],
     "bpw3.5-gptq": ["--target-bpw", "3.5", "--method", "gptq"],
     "bpw2.5-gptq": ["--target-bpw", "2.5", "--method", "gptq"],
     # sized to sit at or under llama.cpp's files on Qwen 0.5B (see docs/quantization.md)

@@ -61,8 +61,14 @@ def _tri_inv_lower(M: np.ndarray) -> np.ndarray:
 
 
 def gptq_quantize(W: np.ndarray, f: HessianFactor, bits: int, group_size: int, symmetric: bool,
-                  block: int = 32, rows_per_chunk: int = 8192, grid=quant.CLIP_GRID):
+                  block: int = 32, rows_per_chunk: int = 8192, grid=quant.CLIP_GRID, prune=None):
     """Quantize W (N, K). Returns (spec parts, dequantized W (N, K) float32).
+
+    `prune` (SparseGPT, see sparsity.sparsegpt_selector): prune(cur (L, m), diag U (L,)) gives
+    the kept mask of L columns from their current values: unstructured, of each block of columns
+    when the block starts; 2:4, of a group's quads (in K order) when its scale is fixed. Pruned
+    weights get the zero point's code (value exactly 0) and their error is propagated like a
+    rounding error.
 
     Works on W transposed (K, N) so that a column of W is a contiguous row in memory.
     """
@@ -79,6 +85,7 @@ def gptq_quantize(W: np.ndarray, f: HessianFactor, bits: int, group_size: int, s
     zeros_all = None if symmetric else np.empty((n, G), np.uint8)
     deq = np.empty((n, k), np.float32)
     dead_p = f.dead[perm]
+    diag_u = np.diag(U)
     for r0 in range(0, n, rows_per_chunk):
         r1 = min(n, r0 + rows_per_chunk)
         m = r1 - r0
@@ -90,11 +97,14 @@ def gptq_quantize(W: np.ndarray, f: HessianFactor, bits: int, group_size: int, s
         zeros = np.full((G, m), float(1 << (bits - 1)), np.float32)
         s16 = np.empty((G, m), np.float16)
         done = np.zeros(G, bool)
+        keep = None if prune is None else np.ones((k, m), bool)
         for i1 in range(0, k, block):
             i2 = min(i1 + block, k)
             W1 = Wt[i1:i2].copy()
             Err1 = np.zeros((i2 - i1, m), np.float32)
             U1 = U[i1:i2, i1:i2]
+            if keep is not None and prune.pattern != "2:4":  # unstructured: mask of the block, chosen now
+                keep[i1:i2] = prune(W1, diag_u[i1:i2])
             for ii in range(i2 - i1):
                 i = i1 + ii
                 j = col_group[i]
@@ -106,7 +116,14 @@ def gptq_quantize(W: np.ndarray, f: HessianFactor, bits: int, group_size: int, s
                     out = pos[~inblk]
                     if len(out):
                         cur[~inblk] = Wt[out] - U[i1:i, out].T @ Err1[:ii]
-                    sc, z = quant.find_params(cur.T, bits, symmetric, imp_all[perm[pos]], grid)
+                    imp = imp_all[perm[pos]]
+                    if keep is not None:  # SparseGPT: the group's scale from its kept weights
+                        if prune.pattern == "2:4":  # the group's quads, in K order, chosen now
+                            order = np.argsort(perm[pos])
+                            keep[pos[order]] = prune(cur[order], diag_u[pos[order]])
+                        cur *= keep[pos]  # (unstructured: masks of later blocks not chosen yet, all True)
+                        imp = imp[None, :] * keep[pos].T
+                    sc, z = quant.find_params(cur.T, bits, symmetric, imp, grid)
                     s16[j] = sc
                     scales[j] = sc.astype(np.float32)
                     if z is not None:
@@ -117,6 +134,8 @@ def gptq_quantize(W: np.ndarray, f: HessianFactor, bits: int, group_size: int, s
                 c = np.rint(w / sj)
                 c += zj
                 np.clip(c, 0.0, qmax, out=c)
+                if keep is not None:
+                    c = np.where(keep[i], c, zj)
                 codes[i] = c
                 q = (c - zj) * sj
                 Qt[i] = q

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from llmpack.formats.errors import LlmpackError
 from llmpack.formats.spec import GROUP_SIZES, quantized_nbytes
 
+from . import sparsity as sparsity_mod
+
 BITS = (8, 4, 3, 2)
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 # --keep values: a bit width, or a plain float type (the tensor is not quantized).
@@ -30,9 +32,11 @@ class QuantOptions:
     seed: int = 0
     act_order: bool = True
     damp: float = 0.01
+    sparsity: str | None = None  # --sparsity: "0.5" (unstructured) or "2:4"; see quantize/sparsity.py
 
     def __post_init__(self):
         self._keep = []
+        self.sparse = None  # the parsed sparsity.Sparsity, set by validate()
 
     @property
     def quantized(self) -> bool:
@@ -40,7 +44,7 @@ class QuantOptions:
 
     @property
     def calibrated(self) -> bool:
-        return self.quantized and (self.method != "rtn" or self.target_bpw is not None)
+        return self.quantized and (self.method != "rtn" or self.target_bpw is not None or self.sparsity is not None)
 
     @property
     def uses_gptq(self) -> bool:
@@ -63,6 +67,10 @@ class QuantOptions:
             raise LlmpackError(f"--method {self.method!r} is not supported; choose one of {', '.join(METHODS)}")
         if self.method != "rtn" and not self.quantized:
             raise LlmpackError(f"--method {self.method} needs --bits or --target-bpw")
+        self.sparse = sparsity_mod.parse(self.sparsity)
+        if self.sparse is not None and (self.bits is None or self.target_bpw is not None):
+            raise LlmpackError("--sparsity needs --bits 8/4/3/2 (and no --target-bpw): the kept weights are "
+                               "stored quantized")
         if self.target_bpw is not None and not self.target_bpw > 0:
             raise LlmpackError(f"--target-bpw must be a positive number of bits per weight, got {self.target_bpw}")
         if self.calib_samples < 1 or self.calib_seqlen < 2:
@@ -95,7 +103,7 @@ class QuantOptions:
         return {"bits": self.bits, "group_size": self.group_size, "method": self.method,
                 "symmetric": self.symmetric, "keep": list(self.keep), "target_bpw": self.target_bpw,
                 "calib": self.calib, "calib_samples": self.calib_samples, "calib_seqlen": self.calib_seqlen,
-                "seed": self.seed, "act_order": self.act_order, "damp": self.damp}
+                "seed": self.seed, "act_order": self.act_order, "damp": self.damp, "sparsity": self.sparsity}
 
 
 def tensor_bits(bits: int, shape, group_size: int, symmetric: bool) -> int:

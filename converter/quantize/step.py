@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmpack.formats import quant
+from llmpack.formats import quant, sparse
 
 from ..stream import Step, Stream
-from . import awq
+from . import awq, sparsity
 from .gptq import HessianFactor, gptq_quantize
 from .layers import final_hidden
 from .options import is_quantized
@@ -41,7 +41,8 @@ class QuantizeStep(Step):
         opts = self.opts
         if opts.uses_gptq:
             H = (Xf.T @ Xf).astype(np.float64) / len(Xf)
-            factor = HessianFactor(H, act_order=opts.act_order, damp=opts.damp)
+            pruning = opts.sparse is not None and sparsity.applies(prefix)  # SparseGPT: natural column order
+            factor = HessianFactor(H, act_order=opts.act_order and not pruning, damp=opts.damp)
         else:
             imp = (Xf.astype(np.float64) ** 2).mean(axis=0)
         for n in todo:
@@ -50,12 +51,18 @@ class QuantizeStep(Step):
             bits, g = s.kind(prefix + key)
             if W.shape[1] < g:
                 continue  # narrower than a group: the stream keeps it float
-            if opts.uses_gptq:
-                parts, deq = gptq_quantize(W, factor, bits, g, opts.sym(bits))
+            sp = opts.sparse if sparsity.applies(prefix + key) else None
+            if opts.uses_gptq:  # SparseGPT when pruning
+                parts, deq = gptq_quantize(W, factor, bits, g, opts.sym(bits), prune=sparsity.sparsegpt_selector(sp))
             else:
+                if sp is not None:  # Wanda
+                    W = W * sparsity.wanda_keep(sp, W, imp)
                 parts = quant.quantize_rtn(W, bits, g, opts.sym(bits), importance=imp)
                 deq = quant.dequantize(parts, W.shape, bits, g)
-            s.parts[prefix + key] = (bits, g, W.shape, parts)
+            typ, nnz = f"q{bits}", None
+            if sp is not None:  # stored without the zero weights (if that is smaller); expands to `deq`
+                typ, parts, nnz = sparse.smallest(parts, bits, g, sp.pattern)
+            s.parts[prefix + key] = (typ, g, W.shape, parts, nnz)
             t[key] = deq
 
     def pre(self, s: Stream, pre: dict):
@@ -65,7 +72,7 @@ class QuantizeStep(Step):
         emb = pre["embed.weight"]  # row-wise RTN; only the calibration tokens' rows are dequantized
         bits, g = kind
         parts = quant.quantize_rtn(emb, bits, g, self.opts.sym(bits))
-        s.parts["embed.weight"] = (bits, g, emb.shape, parts)
+        s.parts["embed.weight"] = (f"q{bits}", g, emb.shape, parts, None)
         s.embed_rows = quant.dequantize(parts, emb.shape, bits, g, rows=s.ids.ravel())
 
     def layer(self, s: Stream, j: int, t: dict, x):
