@@ -183,7 +183,7 @@ def _check_directory(header, header_span, path):
                               f"in {GROUP_SIZES}, got {shape} / {g!r}")
         nnz = t.get("nnz")
         if STORAGE_TYPES[kind].sparse == "mask" and not (
-                _is_int(nnz) and 0 <= nnz <= shape[0] * math.ceil(shape[1] / g) * g and nnz < 1 << 32):
+                is_int(nnz) and 0 <= nnz <= shape[0] * math.ceil(shape[1] / g) * g and nnz < 1 << 32):
             raise FormatError(f"{path}: masked tensor {name} needs a count of kept weights 'nnz' between 0 and "
                               f"its padded size, got {nnz!r}; the file is corrupt")
         parts = t.get("parts")

@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 
+from pack_fuzz import with_header_blob
 from tiny_models import make_tiny
 
 from llmpack.converter import convert
@@ -81,9 +82,8 @@ def test_lying_sparse_header_is_a_format_error(tmp_path):
     def with_entry(**change):
         h = json.loads(json.dumps(header))
         h["tensors"][0].update(change)
-        blob = json.dumps(h).encode()
         out = tmp_path / "bad.llmpack"
-        out.write_bytes(raw[:16] + struct.pack("<QQ", hoff, len(blob)) + raw[32:hoff] + blob)
+        out.write_bytes(with_header_blob(raw, json.dumps(h).encode()))  # a consistent header checksum
         return out
 
     nnz = header["tensors"][0]["nnz"]
