@@ -75,13 +75,9 @@ class TensorSource:
 
 def _canonical_shapes(ckpt, plan) -> tuple[dict, dict]:
     """Canonical name -> shape (from the safetensors headers, nothing loaded), and -> HF name."""
-    from safetensors import safe_open
-
-    names = ckpt.tensor_names()
     shapes, hf_of = {}, {}
     for hf, canon, rewrite in plan:
-        with safe_open(str(names[hf]), framework="np") as h:
-            shape = tuple(h.get_slice(hf).get_shape())
+        shape = ckpt.shape(hf)
         if rewrite == "T" and len(shape) == 2:
             shape = shape[::-1]
         elif rewrite == "opt_pos":
