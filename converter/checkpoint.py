@@ -139,7 +139,7 @@ class Checkpoint:
                     got += r
                 if wide:
                     if e["dtype"] == "BF16":
-                        out[i:i + n].view(np.uint32)[:] = target.astype(np.uint32) << np.uint32(16)
+                        np.left_shift(target, np.uint32(16), out=out[i:i + n].view(np.uint32))  # one pass
                     else:
                         out[i:i + n] = target
             if hasattr(os, "posix_fadvise"):

@@ -213,7 +213,8 @@ def _search_block(wg, bits, symmetric, sqrt_imp, grid):
         # code - off = clip(rint(w / s), -off, qmax - off); error = (code - off) * s - w, in place.
         np.divide(wg, sf, out=t)
         np.rint(t, out=t)
-        np.clip(t, lo_q, hi_q, out=t)
+        np.maximum(t, lo_q, out=t)  # (np.clip with array bounds: 2.6x slower, measured)
+        np.minimum(t, hi_q, out=t)
         t *= sf
         t -= wg
         if sqrt_imp is not None:
