@@ -55,8 +55,7 @@ class _Quantizer:
         Xf = X.reshape(-1, X.shape[-1])
         opts = self.opts
         if opts.uses_gptq:
-            H = (Xf.T @ Xf).astype(np.float64) / len(Xf)
-            factor = HessianFactor(H, act_order=opts.act_order, damp=opts.damp)
+            factor = HessianFactor.from_inputs(Xf, act_order=opts.act_order, damp=opts.damp)
         else:
             imp = (Xf.astype(np.float64) ** 2).mean(axis=0)
         for n in todo:
@@ -64,12 +63,13 @@ class _Quantizer:
             bits, g = self.types[prefix + key]
             W = t[key]
             if opts.uses_gptq:
-                parts, deq = gptq_quantize(W, factor, bits, g, opts.sym(bits))
+                # the head's dequantized copy feeds nothing (2.2 GB at the 7B shape): skip it
+                parts, deq = gptq_quantize(W, factor, bits, g, opts.sym(bits), dequantized=bool(prefix))
             else:
                 parts = quant.quantize_rtn(W, bits, g, opts.sym(bits), importance=imp)
                 deq = quant.dequantize(parts, W.shape, bits, g)
             self.parts[prefix + key] = (bits, g, W.shape, parts)
-            t[key] = deq
+            t[key] = deq if deq is not None else W
 
 
 def run(writer, source, model: dict, inv_freq: dict, types: dict, opts, ids: np.ndarray,
