@@ -153,12 +153,13 @@ SEARCH_BLOCK = 1 << 18
 
 
 def find_params(wg: np.ndarray, bits: int, symmetric: bool, importance: np.ndarray | None = None,
-                grid=CLIP_GRID, valid: np.ndarray | None = None):
+                grid=CLIP_GRID, valid: np.ndarray | None = None, codes_out: np.ndarray | None = None):
     """Per-group scale (f16) and zero point for groups wg (..., g), choosing the clip ratio that
     minimizes the (importance-weighted) squared error. Returns (scale f16 (...), zero int or None).
 
     `importance` and `valid` broadcast against wg (e.g. (G, g) for wg (N, G, g)); ties go to the
-    earlier ratio of `grid`.
+    earlier ratio of `grid`. `codes_out` (uint8, wg's shape), if given, receives the codes
+    (quantize_codes' values), computed block by block while the block is still in cache.
     """
     wg = np.asarray(wg, np.float32)
     lead, g = wg.shape[:-1], wg.shape[-1]
@@ -169,7 +170,8 @@ def find_params(wg: np.ndarray, bits: int, symmetric: bool, importance: np.ndarr
             imp = imp * valid
         imp = np.broadcast_to(np.sqrt(imp, dtype=np.float32), wg.shape)
     if wg.ndim == 1:
-        s, z = _search_block(wg[None], bits, symmetric, None if imp is None else imp[None], grid)
+        s, z = _search_block(wg[None], bits, symmetric, None if imp is None else imp[None], grid,
+                             None if codes_out is None else codes_out[None])
         return s[0], (None if z is None else z[0])
     # Blocks along the first axis; with (N, G, g) input a block is whole rows.
     row = int(np.prod(wg.shape[1:-1], dtype=np.int64)) * g
@@ -178,14 +180,15 @@ def find_params(wg: np.ndarray, bits: int, symmetric: bool, importance: np.ndarr
     z_out = None if symmetric else np.empty(lead, np.uint8)
     for r0 in range(0, wg.shape[0], step):
         blk = slice(r0, r0 + step)
-        s, z = _search_block(wg[blk], bits, symmetric, None if imp is None else imp[blk], grid)
+        s, z = _search_block(wg[blk], bits, symmetric, None if imp is None else imp[blk], grid,
+                             None if codes_out is None else codes_out[blk])
         s_out[blk] = s
         if z_out is not None:
             z_out[blk] = z
     return s_out, z_out
 
 
-def _search_block(wg, bits, symmetric, sqrt_imp, grid):
+def _search_block(wg, bits, symmetric, sqrt_imp, grid, codes_out=None):
     """The clip search on one cache-sized block: (..., g) -> (scale f16 (...), zero uint8 or None)."""
     qmax = np.float32((1 << bits) - 1)
     if symmetric:
@@ -229,6 +232,14 @@ def _search_block(wg, bits, symmetric, sqrt_imp, grid):
             best_s = np.where(better, s, best_s)
             if not symmetric:
                 np.copyto(best_z, off[..., 0], where=better)
+    if codes_out is not None:  # quantize_codes, in place on the cached block
+        off = np.float32(1 << (bits - 1)) if symmetric else best_z[..., None]
+        np.divide(wg, best_s.astype(np.float32)[..., None], out=t)
+        np.rint(t, out=t)
+        t += off
+        np.maximum(t, 0, out=t)
+        np.minimum(t, qmax, out=t)
+        codes_out[...] = t
     return best_s, (None if symmetric else best_z.astype(np.uint8))
 
 
@@ -244,7 +255,7 @@ def quantize_codes(w: np.ndarray, scale: np.ndarray, zero, bits: int) -> np.ndar
 
 
 def quantize_rtn(w: np.ndarray, bits: int, group_size: int, symmetric: bool = True, clip: float | None = None,
-                 importance: np.ndarray | None = None, search: bool = True, rows_per_chunk: int = 1024,
+                 importance: np.ndarray | None = None, search: bool = True, rows_per_chunk: int = 256,
                  grid=CLIP_GRID) -> dict:
     """Round-to-nearest group-wise quantization of a float (N, K) matrix into spec parts.
 
@@ -273,8 +284,9 @@ def quantize_rtn(w: np.ndarray, bits: int, group_size: int, symmetric: bool = Tr
     for r0 in range(0, n, rows_per_chunk):
         wg = pad_to_groups(w[r0:r0 + rows_per_chunk], group_size)
         r1 = r0 + len(wg)
-        s, z = find_params(wg, bits, symmetric, imp, grid)
-        data[r0:r1] = pack_codes(quantize_codes(wg, s, z, bits), bits)
+        codes = np.empty(wg.shape, np.uint8)
+        s, z = find_params(wg, bits, symmetric, imp, grid, codes_out=codes)
+        data[r0:r1] = pack_codes(codes, bits)
         scales[r0:r1] = s
         if zeros is not None:
             zeros[r0:r1] = z
