@@ -208,11 +208,14 @@ def convert(src, out, dtype: str = "f16", group_size: int | None = None, quiet: 
             inv_freq = {k.split(".")[1]: v for k, v in extra.items() if k.startswith("rope.")}
             pipeline.run(w, source, model, inv_freq, types, opts, ids, dtype, quiet=quiet)
         else:
-            progress = Progress("convert", len(plan), quiet=quiet)
+            sizes = {hf: int(np.prod(ckpt.shape(hf))) for hf, _, _ in plan}  # ETA by weights, not tensors
+            total = sum(sizes.values())
+            progress = Progress("convert", total, quiet=quiet, unit="G weights" if total >= 1e9 else "M weights",
+                                scale=1e9 if total >= 1e9 else 1e6)
             for hf, canon, rewrite in plan:
                 for name, arr in _apply_rewrite(canon, ckpt.get(hf), rewrite):
                     pipeline.store(w, name, arr, types, opts, dtype)
-                progress.step(canon)
+                progress.step(canon, n=sizes[hf])
             progress.done()
         w.add_blob(tok_blob_name, tok_blob)
         header["provenance"]["seconds"] = round(time.time() - t0, 2)
