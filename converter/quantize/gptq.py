@@ -48,11 +48,21 @@ class HessianFactor:
         pr = self.perm[::-1]
 
         def build():
-            Xp = X[:, pr]
-            H = Xp.T @ Xp
-            del Xp
-            H *= np.float32(1.0 / n)
-            return H
+            if _lapack(len(pr)) is None:
+                Xp = X[:, pr]
+                H = Xp.T @ Xp
+                del Xp
+                H *= np.float32(1.0 / n)
+                return H
+            # One triangle, accumulated in place over row chunks (BLAS syrk): no permuted copy
+            # of X and no K x K product temporary. F's upper triangle is the one potrf reads.
+            from scipy.linalg import blas
+
+            F = np.zeros((len(pr), len(pr)), np.float32, order="F")
+            for r0 in range(0, n, 1024):
+                Xc = X[r0:r0 + 1024][:, pr]
+                F = blas.ssyrk(np.float32(1.0 / n), Xc.T, beta=1.0, c=F, trans=0, lower=0, overwrite_c=1)
+            return F.T  # C-ordered view; only its lower triangle (F's upper) is meaningful
         self._factorize(build, diag, damp)
         return self
 
@@ -92,12 +102,10 @@ class HessianFactor:
 
 def _inverse_cholesky_reversed(A: np.ndarray):
     """J M^-1 J for A = M M^T (A float32, C-contiguous, symmetric; overwritten), or None if A is
-    not positive definite. In place with scipy's LAPACK; otherwise with two temporary copies."""
-    try:
-        from scipy.linalg import lapack
-    except ImportError:
-        lapack = None
-    if lapack is not None and len(A) >= 512:
+    not positive definite. In place with scipy's LAPACK (which reads only A's lower triangle);
+    otherwise with two temporary copies."""
+    lapack = _lapack(len(A))
+    if lapack is not None:
         # A.T is A's buffer seen in Fortran order (and equal to A). potrf upper there gives R with
         # A = R^T R (so M = R^T), trtri gives R^-1; the C-order buffer then reads (R^-1)^T = M^-1.
         f = A.T
@@ -114,6 +122,17 @@ def _inverse_cholesky_reversed(A: np.ndarray):
     except np.linalg.LinAlgError:
         return None
     return np.ascontiguousarray(_tri_inv_lower(M)[::-1, ::-1], np.float32)
+
+
+def _lapack(k: int):
+    """scipy's LAPACK module for a K x K factorization in place, or None (small K, or no scipy)."""
+    if k < 512:
+        return None
+    try:
+        from scipy.linalg import lapack
+    except ImportError:
+        return None
+    return lapack
 
 
 def _reverse_in_place(a: np.ndarray, chunk: int = 1 << 22):
