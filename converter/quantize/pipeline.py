@@ -101,8 +101,8 @@ def run(writer, source, model: dict, inv_freq: dict, types: dict, opts, ids: np.
 
     for i in range(n_layers):
         prefix = f"layers.{i}."
-        arrs = source.load(source.layers[i])
-        t = {n[len(prefix):]: a for n, a in arrs.items()}
+        t = {n[len(prefix):]: a for n, a in source.load(source.layers[i]).items()}  # only reference: replaced
+        # weights are freed as they are quantized
         runner = LayerRunner(model, i, t, inv_freq)
         if opts.uses_awq:
             runner.run(x, lambda stage, names, X: _awq_stage(t, prefix, stage, names, X, types, opts, runner.gated))
@@ -114,6 +114,7 @@ def run(writer, source, model: dict, inv_freq: dict, types: dict, opts, ids: np.
                 writer.add(name, f"q{bits}", shape, parts, group_size=g)
             else:
                 store(writer, name, t[short], types, opts, float_dtype)
+        del t, runner  # not alive beside the next layer (or the 2.2 GB head at the 7B shape)
         progress.step(f"layer {i}")
 
     post = source.load(source.post)
