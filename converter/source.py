@@ -6,6 +6,7 @@ plans the whole file from the safetensors headers before loading anything).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -74,13 +75,9 @@ def plan_names(ckpt, fam, mt: str) -> list[tuple[str, str, str | None]]:
 
 def canonical_shapes(ckpt, plan) -> tuple[dict, dict]:
     """Canonical name -> shape (from the safetensors headers, nothing loaded), and -> HF name."""
-    from safetensors import safe_open
-
-    names = ckpt.tensor_names()
     shapes, hf_of = {}, {}
     for hf, canon, rewrite in plan:
-        with safe_open(str(names[hf]), framework="np") as h:
-            shape = tuple(h.get_slice(hf).get_shape())
+        shape = ckpt.shape(hf)
         for name, s in REWRITES[rewrite].shape(canon, shape):
             shapes[name] = tuple(s)
             hf_of[name] = hf
@@ -109,6 +106,12 @@ class TensorSource:
         for hf, canon, rewrite in entries:
             out.update(apply_rewrite(canon, self.ckpt.get(hf), rewrite))
         return out
+
+    def weights(self) -> dict:
+        """Number of weights of `pre`, each layer and `post` (from the headers: nothing is read)."""
+        def count(entries):
+            return sum(math.prod(self.ckpt.shape(hf)) for hf, _, _ in entries)
+        return {"pre": count(self.pre), "layers": [count(e) for e in self.layers], "post": count(self.post)}
 
     def layer(self, i: int) -> dict[str, np.ndarray]:
         """Layer i's tensors under short names ("attn.q.weight")."""

@@ -100,7 +100,11 @@ class WriteTimeStep(Step):
 
 def run(s: Stream, steps: list, writer, quiet: bool = False):
     """Stream the whole model through `steps` into `writer`."""
-    progress = Progress("convert", len(s.layers) + 2, quiet=quiet)
+    sizes = s.source.weights()  # the ETA follows the work: steps weighted by their weights
+    total = sizes["pre"] + sum(sizes["layers"][i] for i in s.layers) + sizes["post"]
+    big = total >= 1e9
+    progress = Progress("convert", total, quiet=quiet, unit="G weights" if big else "M weights",
+                        scale=1e9 if big else 1e6)
     pre = s.source.load(s.source.pre)
     for step in steps:
         step.pre(s, pre)
@@ -111,7 +115,7 @@ def run(s: Stream, steps: list, writer, quiet: bool = False):
         s.embed_rows = None
     for name in sorted(pre):
         s.write(writer, name, pre.pop(name))
-    progress.step("embedding")
+    progress.step("embedding", n=sizes["pre"])
     for j, i in enumerate(s.layers):
         t = s.source.layer(i)
         out = None
@@ -121,12 +125,12 @@ def run(s: Stream, steps: list, writer, quiet: bool = False):
             x = out if out is not None else s.runner(j, t).run(x)
         for short in sorted(t):
             s.write(writer, f"layers.{j}.{short}", t.pop(short))
-        progress.step(f"layer {j}")
+        progress.step(f"layer {j}", n=sizes["layers"][i])
     post = s.source.load(s.source.post)
     for step in steps:
         step.post(s, post, x)
     for name in sorted(post):
         s.write(writer, name, post.pop(name))
-    progress.step("head")
+    progress.step("head", n=sizes["post"])
     progress.done()
 

@@ -40,9 +40,8 @@ class QuantizeStep(Step):
         Xf = X.reshape(-1, X.shape[-1])
         opts = self.opts
         if opts.uses_gptq:
-            H = (Xf.T @ Xf).astype(np.float64) / len(Xf)
             pruning = opts.sparse is not None and sparsity.applies(prefix)  # SparseGPT: natural column order
-            factor = HessianFactor(H, act_order=opts.act_order and not pruning, damp=opts.damp)
+            factor = HessianFactor.from_inputs(Xf, act_order=opts.act_order and not pruning, damp=opts.damp)
         else:
             imp = (Xf.astype(np.float64) ** 2).mean(axis=0)
         for n in todo:
@@ -53,7 +52,9 @@ class QuantizeStep(Step):
                 continue  # narrower than a group: the stream keeps it float
             sp = opts.sparse if sparsity.applies(prefix + key) else None
             if opts.uses_gptq:  # SparseGPT when pruning
-                parts, deq = gptq_quantize(W, factor, bits, g, opts.sym(bits), prune=sparsity.sparsegpt_selector(sp))
+                # the head's dequantized copy feeds nothing (2.2 GB at the 7B shape): skip it
+                parts, deq = gptq_quantize(W, factor, bits, g, opts.sym(bits), prune=sparsity.sparsegpt_selector(sp),
+                                           dequantized=bool(prefix))
             else:
                 if sp is not None:  # Wanda
                     W = W * sparsity.wanda_keep(sp, W, imp)
@@ -63,7 +64,7 @@ class QuantizeStep(Step):
             if sp is not None:  # stored without the zero weights (if that is smaller); expands to `deq`
                 typ, parts, nnz = sparse.smallest(parts, bits, g, sp.pattern)
             s.parts[prefix + key] = (typ, g, W.shape, parts, nnz)
-            t[key] = deq
+            t[key] = deq if deq is not None else W
 
     def pre(self, s: Stream, pre: dict):
         kind = s.kind("embed.weight")
