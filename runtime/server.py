@@ -105,6 +105,13 @@ class Service:
                 job.cancel.set()
 
         self.pending += 1
+        released = []
+
+        def release():  # once per job: when its last event is out, or when it ends after a hang-up
+            if not released:
+                released.append(True)
+                self.pending -= 1
+
         future = engine.submit(job, emit)
         future.add_done_callback(lambda f: emit(("done",)))
         try:
@@ -112,16 +119,15 @@ class Service:
                 event = await queue.get()
                 if event[0] == "done":
                     return
+                if event[0] in ("end", "error"):  # the job's last event: it no longer holds the queue,
+                    release()  # counted before the client can see the reply (a /health right after it)
                 yield event
         finally:
             job.cancel.set()
             if not future.done():  # cancelled while queued or running: count it free when it ends
-                future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._release))
+                future.add_done_callback(lambda f: loop.call_soon_threadsafe(release))
             else:
-                self._release()
-
-    def _release(self):
-        self.pending -= 1
+                release()
 
 
 def watch_disconnect(request: Request, job: Job) -> asyncio.Task:

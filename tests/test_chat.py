@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -418,11 +418,13 @@ def test_ctrl_c_stops_the_reply_and_returns_to_the_prompt(tmp_path):
         child.sendline("hello world")
         child.expect(r"hello world\r\n")  # the echo of the line
         child.expect(r"\S")  # the first piece of the reply
-        t0 = time.time()
-        child.sendintr()
-        child.expect_exact("[reply stopped]", timeout=10)
-        child.expect_exact(">>> ", timeout=10)
-        assert time.time() - t0 < 10
+        # SIGINT straight to the process, as the terminal sends it on Ctrl-C. (Writing ^C into the
+        # pty instead leaves its delivery to the kernel's tty input worker: in a CI run at load
+        # average ~20 on 2 cores it came after this 4000-token reply had ended, and the prompt
+        # returned without a reply to stop. The terminal side, NOFLSH, is asserted above.)
+        os.kill(child.pid, signal.SIGINT)
+        child.expect_exact("[reply stopped]", timeout=30)
+        child.expect_exact(">>> ", timeout=30)
         child.sendline("/reset")
         child.expect_exact("(conversation cleared)")
         child.expect_exact(">>> ")
