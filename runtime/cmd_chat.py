@@ -12,8 +12,9 @@ message gets exactly one output line: the reply with backslash, newline and carr
 written as \\\\, \\n and \\r, so a reply never spans lines (an empty line if the message could
 not be answered; the reason goes to stderr). Pipe mode reads and writes UTF-8.
 
-When the conversation outgrows the model's context, the oldest turns are dropped (the system
-prompt stays) until the prompt leaves room for a reply of min(-n, context/2) tokens. The KV
+When the conversation no longer leaves room for a reply of min(-n, context/2) tokens, the oldest
+turns are dropped (the system prompt stays) until the prompt fills half of the rest of the
+context, so that the next turns re-use the KV cache (runtime/history.py). The KV
 cache is kept across turns: each new prompt re-uses the cached tokens it starts with and only
 the rest is prefilled (--stats shows how many).
 """

@@ -82,6 +82,7 @@ class Engine:
     def __init__(self, model):
         self.model = model
         self.kv = PrefixCache(model.backend)
+        self.dropped_head: list[dict] = []  # the last conversation's system message and dropped messages
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmpack-generate")
         self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}  # requests by how they ended
 
@@ -124,8 +125,10 @@ class Engine:
         for min(max_tokens, context/2) tokens, as in `llmpack chat` (runtime/history.py); raises
         TooLong when even its last turn does not fit. A text or token prompt is taken whole."""
         if job.messages is not None:
-            fitted = fit_conversation(self.model, job.messages,
-                                      reply_reserve(self.model.context_length, job.max_tokens))
+            fitted = fit_conversation(self.model, job.messages, reply_reserve(self.model.context_length,
+                                                                              job.max_tokens), self._drop_hint(job.messages))
+            fixed = 1 if job.messages[0].get("role") == "system" else 0
+            self.dropped_head = job.messages[:fixed + fitted.dropped_messages]
             return fitted.ids, fitted.dropped_messages
         if isinstance(job.prompt, list):
             vocab = self.model.tokenizer.vocab_size
@@ -136,6 +139,13 @@ class Engine:
         if not ids:
             raise LlmpackError("the prompt is empty: give at least one token of text")
         return ids, 0
+
+    def _drop_hint(self, messages: list[dict]) -> int:
+        """How many messages the last request dropped, if this one continues its conversation (starts
+        with the same system message and dropped messages): cutting there again keeps its KV prefix."""
+        head = self.dropped_head
+        fixed = 1 if head and head[0].get("role") == "system" else 0
+        return len(head) - fixed if len(head) > fixed and messages[:len(head)] == head else 0
 
     def generate(self, ids: list[int], job: Job, limit: int, emit) -> tuple[str, int]:
         """Generate up to `limit` tokens after kv.prepare(ids); returns (finish_reason, number generated)."""

@@ -277,7 +277,7 @@ def test_a_long_conversation_drops_its_oldest_turns(small_server):
     reference = load(small_server.pack)
     client = small_server.client()
     system = {"role": "system", "content": "be brief"}
-    history, dropped_any = [system], False
+    history, dropped_any, same_cut, previous = [system], False, 0, (0, 0)
     for i, text in enumerate(["hello world", "the quick brown fox", "this is a tiny model", "def main():"] * 4):
         history.append({"role": "user", "content": f"{text} {i}"})
         r = client.chat.completions.create(model="m", messages=history, max_tokens=6, temperature=0)
@@ -291,8 +291,13 @@ def test_a_long_conversation_drops_its_oldest_turns(small_server):
         assert r.usage.completion_tokens == len(want) == 6
         assert r.choices[0].message.content == reference.tokenizer.decode(want)
         dropped_any |= dropped > 0
+        if dropped and dropped == previous[0]:  # the cut of the last request again: its prompt is cached
+            assert r.usage.prompt_tokens_details.cached_tokens >= previous[1]
+            same_cut += 1
+        previous = dropped, r.usage.prompt_tokens
         history.append({"role": "assistant", "content": r.choices[0].message.content})
     assert dropped_any and len(reference.chat_ids(history)) > reference.context_length  # it really overflowed
+    assert same_cut > 0
     # streamed: the same count in the usage chunk and in the header
     raw = client.chat.completions.with_raw_response.create(
         model="m", messages=history + [{"role": "user", "content": "more"}], max_tokens=6, temperature=0,
