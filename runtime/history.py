@@ -5,10 +5,11 @@ template; if the prompt leaves room for `reserve` reply tokens, it runs whole. O
 oldest turns (a user message and everything up to the next user message) are dropped until the
 prompt fills at most half of what the reserve leaves of the context (llama.cpp's context shift
 likewise discards half): the next turns then re-use the KV cache instead of re-prefilling the whole context every
-turn. Measured on Qwen2.5-Coder-0.5B q4, context 256, 2 cores: dropping just enough re-prefilled
-~213 tokens (0.95 s) on every turn once the context was full; dropping to half re-prefills ~110
-tokens once every ~4 turns. When only the newest turn is left it runs if at least one token of
-room remains, else it is refused (TooLong; the server answers 413).
+turn. Measured with `llmpack chat` on Qwen2.5-Coder-0.5B q4, --context 256, -n 8, 2 busy cores:
+dropping just enough re-prefilled ~213 tokens (0.95 s) on every turn once the context was full
+(40 turns: 43 s); dropping to half re-prefills ~77 tokens (0.4 s) once every ~6 turns (17 s).
+When only the newest turn is left it runs if at least one token of room remains, else it is
+refused (TooLong; the server answers 413).
 
 A stateless client (the server gets the whole conversation with every request) is kept on the
 same cut with `drop_hint`: the number of messages the previous request of the conversation

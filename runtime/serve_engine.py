@@ -5,9 +5,10 @@ so requests queue on a single worker thread instead of running side by side: a s
 would only halve both speeds and double the KV memory. The worker keeps one cache and re-uses
 the longest token prefix a request shares with the previous one (the next turn of a
 conversation prefills only its new tokens, as `llmpack chat` does). A conversation longer than
-the context loses its oldest turns (the system message stays), by the rule `llmpack chat` uses. Every request carries a
-cancel flag, checked after each token: a client that goes away stops its generation at the next
-token, and a cancelled request still waiting in the queue never starts.
+the context loses its oldest turns (the system message stays), by the rule `llmpack chat` uses
+(runtime/history.py). Every request carries a cancel flag, checked after each token: a client
+that goes away stops its generation at the next token, and a cancelled request still waiting in
+the queue never starts.
 
 The worker reports through `emit(event)`, called on the worker thread:
     ("prompt", n_tokens, n_reused, n_dropped) the prompt fits and generation starts (n_reused tokens
@@ -125,8 +126,8 @@ class Engine:
         for min(max_tokens, context/2) tokens, as in `llmpack chat` (runtime/history.py); raises
         TooLong when even its last turn does not fit. A text or token prompt is taken whole."""
         if job.messages is not None:
-            fitted = fit_conversation(self.model, job.messages, reply_reserve(self.model.context_length,
-                                                                              job.max_tokens), self._drop_hint(job.messages))
+            reserve = reply_reserve(self.model.context_length, job.max_tokens)
+            fitted = fit_conversation(self.model, job.messages, reserve, self._drop_hint(job.messages))
             fixed = 1 if job.messages[0].get("role") == "system" else 0
             self.dropped_head = job.messages[:fixed + fitted.dropped_messages]
             return fitted.ids, fitted.dropped_messages

@@ -4,7 +4,8 @@ Routes: GET / (the chat page), GET /health, GET /v1/models, POST /v1/chat/comple
 POST /v1/completions (JSON, or server-sent events with "stream": true). Every error is an
 OpenAI-style JSON body {"error": {"message", "type", "param", "code"}} with its status: 400 bad
 request, 401 missing or wrong API key, 404/405 unknown route, 413 prompt longer than the context
-(for a conversation: its last message; older turns are dropped to fit) or a body over 16 MB, 503 while the model loads or when the queue is full.
+(for a conversation: its last message; older turns are dropped to fit) or a body over 16 MB,
+503 while the model loads or when the queue is full.
 
 Each request watches its connection: a client that disconnects sets the job's cancel flag, so a
 queued request never starts and a running one stops at its next token.
