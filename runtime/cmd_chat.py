@@ -12,8 +12,9 @@ message gets exactly one output line: the reply with backslash, newline and carr
 written as \\\\, \\n and \\r, so a reply never spans lines (an empty line if the message could
 not be answered; the reason goes to stderr). Pipe mode reads and writes UTF-8.
 
-When the conversation outgrows the model's context, the oldest turns are dropped (the system
-prompt stays) until the prompt leaves room for a reply of min(-n, context/2) tokens. The KV
+When the conversation no longer leaves room for a reply of min(-n, context/2) tokens, the oldest
+turns are dropped (the system prompt stays) until the prompt fills half of the rest of the
+context, so that the next turns re-use the KV cache (runtime/history.py). The KV
 cache is kept across turns: each new prompt re-uses the cached tokens it starts with and only
 the rest is prefilled (--stats shows how many).
 """
@@ -27,6 +28,7 @@ import time
 from llmpack.formats.errors import LlmpackError
 
 from .cmd_generate import add_backend_args, add_sampling_args, check_sampling, load_model, sampling_kwargs
+from .history import fit_conversation, reply_reserve
 from .prefix_cache import cache_consistent, common_prefix
 from .tokenizer import StreamDecoder
 
@@ -58,29 +60,13 @@ class ChatSession:
         """Forget the conversation (the KV cache stays: the next prompt re-uses what it shares)."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def _n_fixed(self) -> int:
-        return 1 if self.system else 0
-
     def _prompt_ids(self) -> tuple[list[int], int]:
-        """Render the history, dropping the oldest turns until it fits; returns (ids, turns dropped)."""
-        ctx = self.model.context_length
-        reserve = min(self.max_new_tokens, ctx // 2)
-        dropped = 0
-        while True:
-            ids = self.model.chat_ids(self.messages)
-            if len(ids) + reserve <= ctx:
-                return ids, dropped
-            fixed = self._n_fixed()
-            # the oldest turn: its user message and everything up to the next user message
-            nxt = next((i for i in range(fixed + 1, len(self.messages)) if self.messages[i]["role"] == "user"), None)
-            if nxt is None:  # only the new message is left
-                if len(ids) < ctx:
-                    return ids, dropped
-                self.messages.pop()
-                raise LlmpackError(f"the message is too long: the prompt has {len(ids)} tokens and the model's "
-                                   f"context holds {ctx}")
-            del self.messages[fixed:nxt]
-            dropped += 1
+        """Render the history, dropping the oldest turns until it fits (they stay dropped); returns
+        (ids, turns dropped)."""
+        fitted = fit_conversation(self.model, self.messages, reply_reserve(self.model.context_length,
+                                                                           self.max_new_tokens))
+        self.messages = fitted.messages
+        return fitted.ids, fitted.dropped_turns
 
     def send(self, text: str):
         """Add a user message and yield the reply as text pieces (the reply joins the history even

@@ -28,6 +28,8 @@ def add_backend_args(p: argparse.ArgumentParser):
                    help="onnxruntime (fast; the default when installed) or numpy (the reference)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="compute threads (default: the number of physical cores)")
+    g.add_argument("--context", type=int, default=None, metavar="N",
+                   help="use at most N tokens of the model's context (default: all of it)")
 
 
 def load_model(args):
@@ -36,7 +38,10 @@ def load_model(args):
 
     if args.threads is not None and args.threads < 1:
         raise LlmpackError("--threads must be at least 1")
-    return load(args.file, verify=not args.no_verify, backend=args.backend, threads=args.threads)
+    if args.context is not None and args.context < 2:
+        raise LlmpackError("--context must be at least 2 tokens")
+    return load(args.file, verify=not args.no_verify, backend=args.backend, threads=args.threads,
+                context=args.context)
 
 
 def sampling_kwargs(args) -> dict:

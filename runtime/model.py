@@ -33,21 +33,24 @@ def default_backend() -> str:
 
 
 def load(path, backend: str | None = None, verify: bool = True, threads: int | None = None,
-         **backend_options) -> "Model":
+         context: int | None = None, **backend_options) -> "Model":
     """Memory-map a .llmpack file and build a backend over it (raises FormatError on a bad file).
 
     backend: "onnxruntime" (default when installed) or "numpy"; threads: compute threads
-    (onnxruntime; default the number of physical cores).
+    (onnxruntime; default the number of physical cores); context: use at most this many tokens of
+    the model's context (a smaller KV cache; chat and the server drop old turns sooner).
     """
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     pack = Pack(path, verify=verify)
-    return Model(pack, BACKENDS[backend](pack, threads=threads, **backend_options))
+    if context is not None and context < 1:
+        raise ValueError("the context must be at least 1 token")
+    return Model(pack, BACKENDS[backend](pack, threads=threads, **backend_options), context)
 
 
 class Model:
-    def __init__(self, pack: Pack, backend):
+    def __init__(self, pack: Pack, backend, context: int | None = None):
         self.pack = pack
         self.header = pack.header
         self.backend = backend
@@ -59,7 +62,7 @@ class Model:
         self.chat_template = tok.get("chat_template")
         self.generation = pack.header.get("generation", {})
         self.stop_ids = self._stop_ids()
-        self.context_length = backend.context_length
+        self.context_length = min(backend.context_length, context or backend.context_length)
 
     def _stop_ids(self) -> set[int]:
         eos = self.generation.get("eos_token_id")

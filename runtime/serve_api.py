@@ -5,7 +5,10 @@ Fields: messages | prompt, max_tokens (or max_completion_tokens), temperature, t
 repeat_penalty, seed, stop (a string or a list), stream, stream_options.include_usage, n (only 1).
 `temperature` left out means the model's own generation_config (greedy when it has none), as in
 `llmpack generate`. max_tokens left out, or more than the context has room for, means up to the
-end of the context (finish_reason "length"); a prompt that leaves no room is refused (413).
+end of the context (finish_reason "length"). A conversation that does not leave room for
+min(max_tokens, context/2) tokens loses its oldest turns (the leading system message stays; usage
+says how many messages were dropped: "dropped_messages", also the X-Llmpack-Dropped-Messages
+header); a last message, or a text prompt, that leaves no room is refused (413).
 "model" is not checked: the server has one model. frequency/presence penalties and logprobs are
 not implemented: a non-zero or true value is refused (400) rather than silently ignored.
 """
@@ -145,20 +148,25 @@ class Reply:
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                 "finish_reason": finish}
 
-    @staticmethod
-    def usage(prompt: tuple[int, int], completion_tokens: int) -> dict:
-        """prompt: (tokens, of which re-used from the KV cache: OpenAI's cached_tokens)."""
-        return {"prompt_tokens": prompt[0], "completion_tokens": completion_tokens,
-                "total_tokens": prompt[0] + completion_tokens, "prompt_tokens_details": {"cached_tokens": prompt[1]}}
+    def usage(self, prompt: tuple[int, int, int], completion_tokens: int) -> dict:
+        """prompt: (tokens of the prompt that ran, of which re-used from the KV cache: OpenAI's
+        cached_tokens, oldest messages dropped to fit the context). A chat reply reports the last as
+        "dropped_messages" (an llmpack field; the prompt was the leading system message, if any,
+        and the messages after the dropped ones)."""
+        usage = {"prompt_tokens": prompt[0], "completion_tokens": completion_tokens,
+                 "total_tokens": prompt[0] + completion_tokens, "prompt_tokens_details": {"cached_tokens": prompt[1]}}
+        if self.chat:
+            usage["dropped_messages"] = prompt[2]
+        return usage
 
-    def full(self, text: str, finish: str, prompt: tuple[int, int], completion_tokens: int) -> dict:
+    def full(self, text: str, finish: str, prompt: tuple[int, int, int], completion_tokens: int) -> dict:
         return {**self._envelope(False), "choices": [self._choice(text, finish, False)],
                 "usage": self.usage(prompt, completion_tokens)}
 
     def chunk(self, text: str | None = None, finish: str | None = None, first: bool = False) -> dict:
         return {**self._envelope(True), "choices": [self._choice(text, finish, True, first)]}
 
-    def usage_chunk(self, prompt: tuple[int, int], completion_tokens: int) -> dict:
+    def usage_chunk(self, prompt: tuple[int, int, int], completion_tokens: int) -> dict:
         return {**self._envelope(True), "choices": [], "usage": self.usage(prompt, completion_tokens)}
 
 

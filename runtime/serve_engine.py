@@ -4,12 +4,15 @@ A laptop CPU has 2-8 cores and one decode step already uses them all (onnxruntim
 so requests queue on a single worker thread instead of running side by side: a second stream
 would only halve both speeds and double the KV memory. The worker keeps one cache and re-uses
 the longest token prefix a request shares with the previous one (the next turn of a
-conversation prefills only its new tokens, as `llmpack chat` does). Every request carries a
-cancel flag, checked after each token: a client that goes away stops its generation at the next
-token, and a cancelled request still waiting in the queue never starts.
+conversation prefills only its new tokens, as `llmpack chat` does). A conversation longer than
+the context loses its oldest turns (the system message stays), by the rule `llmpack chat` uses
+(runtime/history.py). Every request carries a cancel flag, checked after each token: a client
+that goes away stops its generation at the next token, and a cancelled request still waiting in
+the queue never starts.
 
 The worker reports through `emit(event)`, called on the worker thread:
-    ("prompt", n_tokens, n_reused) the prompt fits and generation starts (n_reused tokens from the cache)
+    ("prompt", n_tokens, n_reused, n_dropped) the prompt fits and generation starts (n_reused tokens
+                                  from the cache; n_dropped oldest messages left out to fit the context)
     ("text", piece)               the next piece of text (never half a character, never past a stop string)
     ("end", finish_reason, n)     "stop" | "length" | "cancelled", and the number of generated tokens
     ("error", status, message)    the request could not run (400 bad conversation, 413 too long, 500)
@@ -23,6 +26,7 @@ from typing import Callable
 
 from llmpack.formats.errors import LlmpackError
 
+from .history import TooLong, fit_conversation, reply_reserve
 from .prefix_cache import PrefixCache
 from .tokenizer import StreamDecoder
 
@@ -79,6 +83,7 @@ class Engine:
     def __init__(self, model):
         self.model = model
         self.kv = PrefixCache(model.backend)
+        self.dropped_head: list[dict] = []  # the last conversation's system message and dropped messages
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmpack-generate")
         self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}  # requests by how they ended
 
@@ -102,30 +107,46 @@ class Engine:
         if job.cancel.is_set():
             return "end", "cancelled", 0
         try:
-            ids = self.prompt_ids(job)
+            ids, dropped = self.prompt_ids(job)
+        except TooLong as e:
+            return "error", 413, f"{e}; shorten the last message"
         except (LlmpackError, ValueError, TypeError) as e:
             return "error", 400, str(e)
         room = self.model.context_length - len(ids)
         if room <= 0:
             return "error", 413, (f"the prompt has {len(ids)} tokens and the model's context holds "
-                                  f"{self.model.context_length}; shorten the prompt or the conversation")
+                                  f"{self.model.context_length}; shorten the prompt")
         reused = self.kv.prepare(ids)
-        emit(("prompt", len(ids), reused))
+        emit(("prompt", len(ids), reused, dropped))
         finish, n = self.generate(ids, job, min(job.max_tokens or room, room), emit)
         return "end", finish, n
 
-    def prompt_ids(self, job: Job) -> list[int]:
+    def prompt_ids(self, job: Job) -> tuple[list[int], int]:
+        """(prompt ids, messages dropped): a conversation loses its oldest turns until it leaves room
+        for min(max_tokens, context/2) tokens, as in `llmpack chat` (runtime/history.py); raises
+        TooLong when even its last turn does not fit. A text or token prompt is taken whole."""
         if job.messages is not None:
-            return self.model.chat_ids(job.messages)
+            reserve = reply_reserve(self.model.context_length, job.max_tokens)
+            fitted = fit_conversation(self.model, job.messages, reserve, self._drop_hint(job.messages))
+            fixed = 1 if job.messages[0].get("role") == "system" else 0
+            self.dropped_head = job.messages[:fixed + fitted.dropped_messages]
+            return fitted.ids, fitted.dropped_messages
         if isinstance(job.prompt, list):
             vocab = self.model.tokenizer.vocab_size
             if not job.prompt or any(not 0 <= t < vocab for t in job.prompt):
                 raise LlmpackError(f"prompt token ids must be a non-empty list of ids in [0, {vocab})")
-            return list(job.prompt)
+            return list(job.prompt), 0
         ids = self.model.tokenizer.encode(job.prompt)
         if not ids:
             raise LlmpackError("the prompt is empty: give at least one token of text")
-        return ids
+        return ids, 0
+
+    def _drop_hint(self, messages: list[dict]) -> int:
+        """How many messages the last request dropped, if this one continues its conversation (starts
+        with the same system message and dropped messages): cutting there again keeps its KV prefix."""
+        head = self.dropped_head
+        fixed = 1 if head and head[0].get("role") == "system" else 0
+        return len(head) - fixed if len(head) > fixed and messages[:len(head)] == head else 0
 
     def generate(self, ids: list[int], job: Job, limit: int, emit) -> tuple[str, int]:
         """Generate up to `limit` tokens after kv.prepare(ids); returns (finish_reason, number generated)."""

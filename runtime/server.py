@@ -4,7 +4,8 @@ Routes: GET / (the chat page), GET /health, GET /v1/models, POST /v1/chat/comple
 POST /v1/completions (JSON, or server-sent events with "stream": true). Every error is an
 OpenAI-style JSON body {"error": {"message", "type", "param", "code"}} with its status: 400 bad
 request, 401 missing or wrong API key, 404/405 unknown route, 413 prompt longer than the context
-(or a body over 16 MB), 503 while the model loads or when the queue is full.
+(for a conversation: its last message; older turns are dropped to fit) or a body over 16 MB,
+503 while the model loads or when the queue is full.
 
 Each request watches its connection: a client that disconnects sets the job's cancel flag, so a
 queued request never starts and a running one stops at its next token.
@@ -159,7 +160,7 @@ def sse(data) -> str:
     return "data: " + json.dumps(data, ensure_ascii=False) + "\n\n"
 
 
-async def stream_events(events, reply: Reply, prompt: tuple[int, int], include_usage: bool, watcher: asyncio.Task):
+async def stream_events(events, reply: Reply, prompt: tuple[int, int, int], include_usage: bool, watcher: asyncio.Task):
     """The server-sent events of a streamed reply (OpenAI's chunk objects, then [DONE])."""
     try:
         if reply.chat:
@@ -179,7 +180,8 @@ async def stream_events(events, reply: Reply, prompt: tuple[int, int], include_u
         watcher.cancel()
 
 
-async def collect(events, reply: Reply, prompt: tuple[int, int], watcher: asyncio.Task) -> JSONResponse:
+async def collect(events, reply: Reply, prompt: tuple[int, int, int], watcher: asyncio.Task,
+                  headers: dict | None = None) -> JSONResponse:
     """The whole reply as one JSON object."""
     pieces = []
     try:
@@ -187,7 +189,7 @@ async def collect(events, reply: Reply, prompt: tuple[int, int], watcher: asynci
             if event[0] == "text":
                 pieces.append(event[1])
             elif event[0] == "end":
-                return JSONResponse(reply.full("".join(pieces), event[1], prompt, event[2]))
+                return JSONResponse(reply.full("".join(pieces), event[1], prompt, event[2]), headers=headers)
             elif event[0] == "error":
                 return error_response(event[1], event[2])
         return error_response(500, "the generation ended without an answer")
@@ -220,11 +222,12 @@ def build_app(service: Service, chat_page: str | None = None) -> Starlette:
             await events.aclose()
             return error_response(first[1], first[2]) if first[0] == "error" else error_response(
                 499, "the client went away")
+        dropped = {"X-Llmpack-Dropped-Messages": str(first[3])} if chat else {}
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(stream_events(events, reply, first[1:], usage, watcher),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await collect(events, reply, first[1:], watcher)
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", **dropped})
+        return await collect(events, reply, first[1:], watcher, dropped)
 
     async def chat_completions(request):
         return await complete(request, chat=True)

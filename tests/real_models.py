@@ -26,13 +26,14 @@ def real_model(name: str, off_grid: bool = False) -> Path:
     return out
 
 
-def real_pack(name: str, dtype: str = "f32") -> Path:
-    """A converted pack of a real model, cached beside the checkpoint."""
+def real_pack(name: str, dtype: str = "f32", bits: int | None = None) -> Path:
+    """A converted pack of a real model, cached beside the checkpoint (bits: RTN-quantized weights,
+    the other tensors in dtype)."""
     from llmpack.converter import convert
 
     src = real_model(name)
-    out = cache_dir() / "packs" / f"{name}-{dtype}.llmpack"
+    out = cache_dir() / "packs" / (f"{name}-{dtype}.llmpack" if bits is None else f"{name}-q{bits}-{dtype}.llmpack")
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        convert(src, out, dtype=dtype, quiet=True)
+        convert(src, out, dtype=dtype, bits=bits, quiet=True)
     return out

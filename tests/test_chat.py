@@ -387,6 +387,48 @@ def test_context_overflow_drops_oldest_turns(small_pack):
     assert dropped > 0 and session.messages[1]["role"] == "user"
 
 
+def test_fit_conversation_drops_the_fewest_turns_to_half_the_room(chat_pack):
+    from llmpack.runtime import load
+    from llmpack.runtime.history import TooLong, fit_conversation
+
+    rt = load(chat_pack[1])  # a context of 512 tokens; a turn renders to ~25
+    system = {"role": "system", "content": "be brief"}
+    history = [system]
+    for i in range(30):
+        history += [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "ok"}]
+    history.append({"role": "user", "content": "yes"})
+    before = [dict(m) for m in history]
+    reserve = 8
+    fitted = fit_conversation(rt, history, reserve)
+    assert history == before  # the caller's list is not changed
+    half = (rt.context_length - reserve) // 2
+    k, d = fitted.dropped_turns, fitted.dropped_messages
+    assert 0 < k < 30 and d == 2 * k and fitted.messages == [system] + history[1 + d:]
+    assert fitted.ids == rt.chat_ids(fitted.messages) and len(fitted.ids) <= half
+    assert len(rt.chat_ids([system] + history[1 + d - 2:])) > half  # one turn fewer dropped would not do
+    # a hint: the cut of an earlier request, kept while it fits (not re-cut to half)
+    grown = history + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
+    again = fit_conversation(rt, grown, reserve, drop_hint=d)
+    assert again.dropped_messages == d and again.dropped_turns == k
+    assert len(again.ids) + reserve <= rt.context_length and len(again.ids) > len(fitted.ids)
+    # nothing to drop: a short conversation runs whole; a last message too long alone is refused
+    assert fit_conversation(rt, history[:3] + history[-1:], reserve).dropped_turns == 0
+    with pytest.raises(TooLong, match="too long"):
+        fit_conversation(rt, history + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "x " * 600}],
+                         reserve)
+
+
+def test_context_option_caps_the_context(chat_pack):
+    msgs = [f"hi {i}" for i in range(8)]
+    replies, err = run_chat(chat_pack[1], msgs, "-n", "4", "--context", "200", "--stats", "--backend", "numpy")
+    stats = _stats(err)
+    assert len(replies) == len(stats) == len(msgs) and "dropped" in err  # 512 tokens would hold them all
+    assert all(p + 4 <= 200 for p, _, _ in stats)
+    p = subprocess.run([sys.executable, "-m", "llmpack", "chat", str(chat_pack[1]), "--context", "1"], input="hi\n",
+                       capture_output=True, text=True, env=ENV, timeout=60)
+    assert p.returncode != 0 and p.stderr.strip().count("\n") == 0 and "--context" in p.stderr
+
+
 def test_help_shows_an_example():
     p = subprocess.run([sys.executable, "-m", "llmpack", "chat", "--help"], capture_output=True, text=True, env=ENV)
     assert p.returncode == 0

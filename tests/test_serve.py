@@ -36,12 +36,15 @@ DEADLINE = 120  # seconds: an upper bound for a server to come up or a request t
 # -- a tiny chat pack whose greedy replies never end early (the stop tokens' head rows are zero) ------
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
+    return silent_chat_pack(tmp_path_factory.mktemp("serve"), context=4096)
+
+
+def silent_chat_pack(folder: Path, context: int) -> Path:
     import torch
 
     from llmpack.converter import convert
 
-    folder = tmp_path_factory.mktemp("serve")
-    model = make_tiny("llama", folder / "ckpt", max_position_embeddings=4096)
+    model = make_tiny("llama", folder / "ckpt", max_position_embeddings=context)
     bpe_folder(folder / "ckpt")  # adds <|im_start|>, <|im_end|>
     tok = hf_tokenizer(folder / "ckpt")
     tok.chat_template = QWEN_TEMPLATE
@@ -65,6 +68,7 @@ class Server:
     """`llmpack serve PACK --port 0 ARGS` in a subprocess; url is known once /health says ok."""
 
     def __init__(self, pack, *args):
+        self.pack = pack
         self.proc = subprocess.Popen([sys.executable, "-m", "llmpack", "serve", str(pack), "--port", "0", *args],
                                      stderr=subprocess.PIPE, text=True, env=ENV)
         self.lines, match = [], None
@@ -257,6 +261,62 @@ def test_prompt_longer_than_the_context_is_413(server, reference):
     status, r = request(server.url + "v1/completions", {"prompt": long, "stream": True})
     assert status == 413 and r["error"]["code"] == "context_length_exceeded"
     assert request(server.url + "v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200  # still serving
+
+
+# -- a conversation longer than the context -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory):  # a context of 128 tokens: a few turns overflow it
+    s = Server(silent_chat_pack(tmp_path_factory.mktemp("small"), context=128))
+    yield s
+    s.stop()
+
+
+def test_a_long_conversation_drops_its_oldest_turns(small_server):
+    from llmpack.runtime import load
+
+    reference = load(small_server.pack)
+    client = small_server.client()
+    system = {"role": "system", "content": "be brief"}
+    history, dropped_any, same_cut, previous = [system], False, 0, (0, 0)
+    for i, text in enumerate(["hello world", "the quick brown fox", "this is a tiny model", "def main():"] * 4):
+        history.append({"role": "user", "content": f"{text} {i}"})
+        r = client.chat.completions.create(model="m", messages=history, max_tokens=6, temperature=0)
+        dropped = r.usage.model_extra["dropped_messages"]
+        used = [system] + history[1 + dropped:]  # the system message stays, the oldest turns go
+        assert used[1]["role"] == "user" and used[-1] == history[-1]
+        ids = reference.chat_ids(used)
+        assert r.usage.prompt_tokens == len(ids)  # usage counts the prompt that ran
+        assert r.usage.prompt_tokens + 6 <= reference.context_length
+        want = greedy(reference, ids, 6)  # exactly Model.generate_ids on the conversation the server used
+        assert r.usage.completion_tokens == len(want) == 6
+        assert r.choices[0].message.content == reference.tokenizer.decode(want)
+        dropped_any |= dropped > 0
+        if dropped and dropped == previous[0]:  # the cut of the last request again: its prompt is cached
+            assert r.usage.prompt_tokens_details.cached_tokens >= previous[1]
+            same_cut += 1
+        previous = dropped, r.usage.prompt_tokens
+        history.append({"role": "assistant", "content": r.choices[0].message.content})
+    assert dropped_any and len(reference.chat_ids(history)) > reference.context_length  # it really overflowed
+    assert same_cut > 0
+    # streamed: the same count in the usage chunk and in the header
+    raw = client.chat.completions.with_raw_response.create(
+        model="m", messages=history + [{"role": "user", "content": "more"}], max_tokens=6, temperature=0,
+        stream=True, stream_options={"include_usage": True})
+    chunks = list(raw.parse())
+    assert int(raw.headers["x-llmpack-dropped-messages"]) == chunks[-1].usage.model_extra["dropped_messages"] > 0
+
+
+def test_a_last_message_longer_than_the_context_is_413_even_with_turns_to_drop(small_server):
+    import openai
+
+    history = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+               {"role": "assistant", "content": "world"}, {"role": "user", "content": "hello world " * 100}]
+    with pytest.raises(openai.APIStatusError) as e:
+        small_server.client().chat.completions.create(model="m", messages=history, max_tokens=4)
+    assert e.value.status_code == 413 and "too long" in e.value.message
+    status, r = request(small_server.url + "v1/completions", {"prompt": "hello world " * 100, "max_tokens": 4})
+    assert status == 413 and r["error"]["code"] == "context_length_exceeded"  # a text prompt has no turns to drop
+    assert request(small_server.url + "v1/chat/completions", {"messages": history[:2], "max_tokens": 2})[0] == 200
 
 
 def test_unknown_route_is_a_json_404(server):
