@@ -147,10 +147,10 @@ def _read_header(mm, path) -> dict:
 
 
 def _check_model(header: dict, tensors: dict, path) -> None:
-    """HOOK for the model description (formats/blocks.py, the lead's work): validate the `model`
-    section and that every tensor name is one the description expects (an unknown or missing
-    tensor is an error). Called once per open, after check_header and _check_directory, before
-    any backend sees the header. For now the backends check the model section at load."""
+    """The model section is the model description's (formats/blocks.check_pack: every field typed,
+    every shape agreeing, every tensor one the description reads). Both backends run it first
+    thing at load, before any computation; the reader itself also opens format-level files (tests,
+    `inspect` of a damaged file), so it does not require a runnable model here."""
     return None
 
 
