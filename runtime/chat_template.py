@@ -221,6 +221,8 @@ def _binop_guard(op, left, right):
 
 @lru_cache(maxsize=1)
 def _environment():
+    # One function: the sandbox's guards are closures over the render budget and each other, and
+    # the jinja2 imports stay here so that loading a model without a template does not pay for them.
     import jinja2
     from jinja2 import nodes
     from jinja2.compiler import CodeGenerator

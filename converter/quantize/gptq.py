@@ -170,6 +170,10 @@ def gptq_quantize(W: np.ndarray, f: HessianFactor, bits: int, group_size: int, s
     of rows is packed as soon as it is done (no (N, K) code matrix). Chunks default to ~64 MB of
     float32 work (K = 18944: 885 rows; K = 3584: 4681), so the 7B down projection's working copies
     stay near 200 MB instead of three 271 MB arrays.
+
+    One function on purpose: GPTQ's column loop shares a dozen arrays (the block's weights and
+    errors, the group scales fixed so far, the SparseGPT mask) that helpers would pass back and
+    forth on the hottest path of the converter.
     """
     if rows_per_chunk is None:
         rows_per_chunk = max(256, min(8192, (1 << 24) // max(W.shape[1], 1)))
