@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 import time
 
@@ -212,6 +213,10 @@ def _interactive(session: ChatSession, args) -> int:
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:
         pass
+    # Ctrl-C stops a reply even when chat was started with SIGINT ignored: a background job of a
+    # non-interactive shell inherits SIG_IGN, Python then installs no handler, and Ctrl-C did
+    # nothing (the reply ran to its end: the Ctrl-C test failed in fresh-clone CI runs).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with _no_flush_on_interrupt(sys.stdin):
         return _conversation(session, args)
 
