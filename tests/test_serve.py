@@ -107,12 +107,17 @@ class Server:
         return openai.OpenAI(base_url=self.url + "v1", api_key=key, max_retries=0, timeout=DEADLINE)
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end_process(self.proc)
+
+
+def end_process(proc):
+    """Terminate a child (a server, a browser); kill it if it does not exit within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def request(url, body=None, headers=None, method=None, timeout=DEADLINE):
@@ -569,12 +574,7 @@ class DevTools:
     def close(self):
         for fd in (self.to_chrome, self.from_chrome):
             os.close(fd)
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end_process(self.proc)
 
 
 SEND = """(() => {{ document.getElementById('max-tokens').value = '{n}';
