@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from llmpack.formats import __version__
 from llmpack.formats.blocks import describe_model
 from llmpack.formats.errors import LlmpackError
