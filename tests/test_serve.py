@@ -557,6 +557,12 @@ class DevTools:
         target = self.call("Target.createTarget", url=url)["targetId"]
         self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
 
+    def throttle(self, bytes_per_second):
+        """Limit what the page downloads (None: no limit), by the DevTools network emulation."""
+        self.call("Network.enable")
+        self.call("Network.emulateNetworkConditions", offline=False, latency=0, uploadThroughput=-1,
+                  downloadThroughput=-1 if bytes_per_second is None else bytes_per_second)
+
     def js(self, expression):
         result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
         assert "exceptionDetails" not in result, result
@@ -601,11 +607,16 @@ def test_chat_page_in_headless_chromium(server, reference, tmp_path):
             expected = reference.tokenizer.decode(greedy(reference, reference.chat_ids(conversation), 8))
             assert shown == expected  # streamed into the page, token for token what generate_ids gives
             conversation.append({"role": "assistant", "content": shown})
-        # a long reply, stopped with the Stop button: marked as stopped, and the page goes on
+        # a long reply, stopped with the Stop button: marked as stopped, and the page goes on. The browser's
+        # network is throttled to 2 kB/s meanwhile: the ~300 kB stream of 3000 tokens cannot reach the page
+        # before the click, however fast the server and however slow this machine (was a race, lost in CI)
+        browser.throttle(2000)
         browser.js(SEND.format(n=3000, text=json.dumps("write a long story")))
         browser.wait_for("(document.querySelectorAll('.msg.assistant')[2]?.textContent || '').length > 0")
         browser.js("document.getElementById('stop').click()")
-        assert "[stopped]" in browser.wait_for(LAST_REPLY.format(count=3))
+        stopped = browser.wait_for(LAST_REPLY.format(count=3))
+        browser.throttle(None)
+        assert "[stopped]" in stopped
         browser.js(SEND.format(n=4, text=json.dumps("one more")))
         browser.wait_for(LAST_REPLY.format(count=4))
         assert browser.js("document.querySelectorAll('.msg.error').length") == 0
