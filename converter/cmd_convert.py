@@ -13,6 +13,7 @@ EXAMPLE = """examples:
   llmpack convert SRC -o mixed.llmpack --target-bpw 3.5 --method gptq
   llmpack convert SRC -o small.llmpack --slice 0.2 --prune-mlp 0.2 --bits 4 --method gptq --eval
   llmpack convert SRC -o sparse.llmpack --bits 4 --method gptq --sparsity 2:4
+  llmpack convert SRC -o trimmed.llmpack --bits 4 --vocab-size 32768          # keep 32k tokens
 
 methods: rtn (round to nearest, clipping range searched per group; no calibration),
 gptq (layer by layer on calibration activations), awq (activation-aware scales + RTN),
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "fraction F < 1), least important first (|W_o| x ||context||)")
     st.add_argument("--prune-mlp", type=_float, metavar="F", help="remove fraction F of each layer's MLP neurons, "
                     "least important first (|W_down| x ||activation||), mean contribution kept as a bias")
+    v = p.add_argument_group("vocabulary (the embedding and head keep only these tokens' rows)")
+    v.add_argument("--vocab-size", type=_int, metavar="N", help="keep the N tokens a corpus uses most (special "
+                   "tokens, the byte alphabet and what kept tokens are merged from always stay: any text still "
+                   "encodes)")
+    v.add_argument("--vocab-from", nargs="+", metavar="FILE", help="the corpus to count tokens on (default: the "
+                   "shipped calibration text, English prose and Python code); alone: keep every token it uses")
     c = p.add_argument_group("calibration (gptq, awq, --target-bpw, --sparsity, structure)")
     c.add_argument("--calib", metavar="FILE", help="calibration text file (default: the shipped text)")
     c.add_argument("--calib-samples", type=_int, default=16, help="calibration windows (default 16)")
@@ -112,5 +119,6 @@ def main(argv) -> int:
             symmetric=args.symmetric, act_order=not args.no_act_order, damp=args.damp,
             eval_text=eval_text, eval_windows=args.eval_windows, eval_ctx=args.eval_ctx,
             sensitivity_file=args.sensitivity, slice=args.slice, prune_mlp=args.prune_mlp,
-            prune_heads=args.prune_heads, drop_layers=args.drop_layers, sparsity=args.sparsity)
+            prune_heads=args.prune_heads, drop_layers=args.drop_layers, sparsity=args.sparsity,
+            vocab_size=args.vocab_size, vocab_from=args.vocab_from)
     return 0

@@ -26,7 +26,7 @@ from .quantize.options import plan_types
 from .quantize.step import QuantizeStep
 from .recipe import DTYPES, Recipe  # noqa: F401  (DTYPES: the CLI's and tests' list)
 from .source import TensorSource, canonical_shapes, order_key, plan_names
-from .steps import layer_drop, pruning, slicing
+from .steps import layer_drop, pruning, slicing, vocab_trim
 
 
 @dataclass
@@ -86,8 +86,12 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
         eval_src = read_text(recipe.eval_text)
     t0 = time.time()
     r = read(src, recipe)
+    source_tokenizer = r.tokenizer
+    trim = _trim_vocabulary(r, recipe) if recipe.vocab.active else None
     types = plan_types(opts, r.shapes, r.hf_of, recipe.dtype) if (opts.quantized or opts.keep) else {}
     ids, calib_info = _calibration(recipe, r.tokenizer)
+    if trim is not None and ids is not None:
+        ids = trim.kept[ids]  # the trimmed tokenizer's tokens in the checkpoint's ids (renumbered by the step)
     s = stream_mod.Stream(source=TensorSource(r.ckpt, r.plan, r.model["n_layers"]), model=r.model,
                           spec=describe_model(r.model, {**r.shapes, **{k: v.shape for k, v in r.extra.items()}}),
                           ids=ids, types=types, opts=opts, float_dtype=recipe.dtype,
@@ -95,7 +99,11 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
                           inv_freq={k.split(".")[1]: v for k, v in r.extra.items() if k.startswith("rope.")})
     allocation = _allocate(r, s, recipe, calib_info, quiet) if opts.target_bpw is not None else None
     steps, done = _steps(recipe, s, quiet)
+    if trim is not None:
+        steps.insert(0, vocab_trim.VocabTrimStep(trim))
     header = _header(r, recipe, calib_info, done, allocation)
+    if trim is not None:
+        header.update(generation=trim.generation, config=trim.config)
     with PackWriter(out) as w:
         for name, arr in r.extra.items():
             w.add_array(name, arr, "f32")
@@ -110,11 +118,23 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
         if opts.quantized:
             options["bits_per_weight"] = round(_bits_per_weight(w), 4)
         header["provenance"]["seconds"] = round(time.time() - t0, 2)
-        w.finish(header, amend=_evaluator(src, recipe, eval_src, options, quiet) if eval_src is not None else None)
+        w.finish(header, amend=_evaluator(src, recipe, eval_src, options, quiet, source_tokenizer)
+                 if eval_src is not None else None)
     if not quiet:
         print(f"convert: wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s",
               file=sys.stderr)
     return _read_header(out)
+
+
+def _trim_vocabulary(r: Source, recipe: Recipe):
+    """--vocab-size / --vocab-from: the kept tokens and the trimmed tokenizer (r.tokenizer is replaced)."""
+    from . import tokenizer_trim
+
+    texts, corpus = recipe.vocab.texts()
+    trim = tokenizer_trim.plan(r.tokenizer, _generation(r.ckpt), r.ckpt.config_dict, r.shapes["embed.weight"][0],
+                               recipe.vocab.size, texts, corpus, check=recipe.vocab.check_model)
+    r.tokenizer = (r.tokenizer[0], r.tokenizer[1], trim.blob)
+    return trim
 
 
 def _allocate(r: Source, s, recipe: Recipe, calib_info, quiet: bool) -> dict:
@@ -186,14 +206,16 @@ def _steps(recipe: Recipe, s, quiet: bool) -> tuple[list, list]:
     return steps, done
 
 
-def _evaluator(src, recipe: Recipe, eval_src, options: dict, quiet: bool):
+def _evaluator(src, recipe: Recipe, eval_src, options: dict, quiet: bool, source_tokenizer: tuple):
     def amend(tmp_path):
         from llmpack.runtime.quality import evaluate_files
+        from llmpack.runtime.tokenizer import Tokenizer
 
         from .reference import hf_logits_fn
 
         report = evaluate_files(tmp_path, hf_logits_fn(src, quiet), eval_src, windows=recipe.eval_windows,
-                                ctx=recipe.eval_ctx, quiet=quiet)
+                                ctx=recipe.eval_ctx, quiet=quiet,
+                                ref_tokenizer=Tokenizer(source_tokenizer[0], source_tokenizer[2]))
         opts = recipe.quant
         report.update(reference="source", method=opts.method if opts.quantized else None, bits=opts.bits,
                       group_size=options["group_size"], bits_per_weight=options.get("bits_per_weight"),

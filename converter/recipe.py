@@ -1,6 +1,7 @@
 """One recipe drives a conversion: which steps run, in which order, with which options.
 
-    read -> [drop layers] -> [slice] -> [prune heads / MLP] -> [quantize] -> write -> [evaluate]
+    read -> [drop layers] -> [trim vocabulary] -> [slice] -> [prune heads / MLP] -> [quantize] -> write
+         -> [evaluate]
 
 Options are validated here, before any work, each failure one line naming the option and the
 fix; the recipe as run (each step and its options) is recorded in the file's header.
@@ -63,6 +64,43 @@ class StructureOptions:
 
 
 @dataclass
+class VocabOptions:
+    size: int | None = None  # --vocab-size N: rows kept in the embedding and head
+    corpus: list | None = None  # --vocab-from FILE...: the text the tokens are counted on
+
+    @property
+    def active(self) -> bool:
+        return self.size is not None or self.corpus is not None
+
+    def validate(self):
+        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1):
+            raise LlmpackError(f"--vocab-size {self.size}: give the number of tokens to keep, a whole number >= 1")
+        for f in self.corpus or []:
+            if not Path(f).is_file():
+                raise LlmpackError(f"--vocab-from {f}: no such file; give text files to count tokens on")
+
+    def check_model(self, protected: int, rows: int):
+        """Against the model: `protected` ids (specials, byte alphabet, closed under merges) must stay."""
+        if self.size is None:
+            return
+        if self.size >= rows:
+            raise LlmpackError(f"--vocab-size {self.size}: the model has {rows} tokens; give fewer than {rows} "
+                               f"(or drop --vocab-size)")
+        if self.size < protected:
+            raise LlmpackError(f"--vocab-size {self.size}: the special tokens and byte alphabet alone are "
+                               f"{protected} tokens; the smallest allowed --vocab-size is {protected}")
+
+    def texts(self) -> tuple[list[str], str]:
+        """The corpus (its texts and a name for the record): the FILEs, else the shipped calibration text."""
+        from .quantize import calib
+
+        if not self.corpus:
+            return [calib.default_text()], f"default:{calib.DEFAULT_NAME}"
+        texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in self.corpus]
+        return texts, ",".join(Path(f).name for f in self.corpus)
+
+
+@dataclass
 class Recipe:
     dtype: str = "f16"
     quant: QuantOptions = field(default_factory=QuantOptions)
@@ -71,6 +109,7 @@ class Recipe:
     eval_windows: int = 16
     eval_ctx: int = 512
     sensitivity_file: str | None = None
+    vocab: VocabOptions = field(default_factory=VocabOptions)
 
     @property
     def calibrated(self) -> bool:
@@ -82,7 +121,8 @@ class Recipe:
                      calib_samples: int = 16, calib_seqlen: int = 512, seed: int = 0,
                      symmetric: bool | None = None, act_order: bool = True, damp: float = 0.01,
                      eval_text=None, eval_windows: int = 16, eval_ctx: int = 512, sensitivity_file=None,
-                     slice=None, prune_mlp=None, prune_heads=None, drop_layers=None, sparsity=None) -> "Recipe":
+                     slice=None, prune_mlp=None, prune_heads=None, drop_layers=None, sparsity=None,
+                     vocab_size=None, vocab_from=None) -> "Recipe":
         """The keyword options of `convert()` / the CLI, validated (LlmpackError on the first bad one)."""
         if dtype not in DTYPES:
             raise LlmpackError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -100,9 +140,13 @@ class Recipe:
         structure.validate()
         if structure.any and target_bpw is not None:
             raise LlmpackError("--target-bpw measures the unpruned model; combine slicing/pruning with --bits instead")
+        vocab = VocabOptions(vocab_size, [str(f) for f in vocab_from] if vocab_from else None)
+        vocab.validate()
+        if vocab.active and target_bpw is not None:
+            raise LlmpackError("--target-bpw measures the untrimmed vocabulary; combine --vocab-size with --bits instead")
         if sensitivity_file is not None:
             if target_bpw is None:
                 raise LlmpackError("--sensitivity only applies with --target-bpw; add --target-bpw X or drop it")
             if not Path(sensitivity_file).parent.is_dir():
                 raise LlmpackError(f"--sensitivity {sensitivity_file}: no such folder {Path(sensitivity_file).parent}")
-        return cls(dtype, quant, structure, eval_text, eval_windows, eval_ctx, sensitivity_file)
+        return cls(dtype, quant, structure, eval_text, eval_windows, eval_ctx, sensitivity_file, vocab)
