@@ -26,3 +26,14 @@ def hf_logits_fn(folder, quiet: bool = False):
             return model(torch.as_tensor(np.asarray(ids)[None])).logits[0].float().numpy()
 
     return fn
+
+
+def hf_tokenizer(folder):
+    """The folder's tokenizer as the runtime runs it (the reference's own tokenization for `eval`)."""
+    from llmpack.runtime.tokenizer import Tokenizer
+
+    from .checkpoint import Checkpoint
+    from .tokenizer_files import collect
+
+    section, _, blob = collect(Checkpoint(folder))
+    return Tokenizer(section, blob)
