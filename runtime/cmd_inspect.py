@@ -131,6 +131,11 @@ def _step_text(r: dict) -> str:
 def _quality_line(q: dict) -> str:
     """One readable line of a stored measurement (the raw record if it lacks the usual fields)."""
     try:
+        if q.get("tokenization") == "own":  # a trimmed vocabulary: each model read the text its own way
+            kld = "n/a" if q["kld"] is None else f"{q['kld']:.4f} nats, top-1 {100 * q['top1']:.2f} %"
+            return (f"bits/byte {q['bpb']:.4f} vs {q['bpb_ref']:.4f} (ratio {q['bpb_ratio']:.4f}); KLD {kld} on the "
+                    f"{100 * q['identical_windows']:.0f} % of windows tokenized alike; against the "
+                    f"{q.get('reference', 'reference')} on {q['text']}, {q['windows']} windows of <= {q['ctx']} tokens")
         return (f"KLD {q['kld']:.4f} nats (p99 {q['kld_p99']:.3f}), top-1 {100 * q['top1']:.2f} %, perplexity "
                 f"{q['ppl']:.3f} vs {q['ppl_ref']:.3f} (ratio {q['ppl_ratio']:.4f}) against the "
                 f"{q.get('reference', 'reference')} on {q['text']}, {q['windows']} x {q['ctx']} tokens")

@@ -191,6 +191,20 @@ def test_eval_across_tokenizers(packs):
     assert shown.returncode == 0 and "bits/byte   file" in shown.stdout and "tokenized alike" in shown.stdout
 
 
+def test_convert_eval_of_a_trimmed_pack_is_recorded_and_shown(packs, tmp_path):
+    from llmpack.converter.quantize.calib import default_eval_path
+
+    ckpt, _, _, _ = packs("llama")
+    out = tmp_path / "e.llmpack"
+    convert(ckpt, out, dtype="f32", vocab_size=275, eval_text=str(default_eval_path()), eval_windows=3, eval_ctx=48,
+            quiet=True)
+    q = Pack(out).header["quality"][0]
+    assert q["tokenization"] == "own" and q["kld"] < 1e-9 and q["bpb"] > 0
+    shown = subprocess.run([sys.executable, "-m", "llmpack", "inspect", str(out)], capture_output=True, text=True)
+    assert "quality     bits/byte" in shown.stdout and "of windows tokenized alike" in shown.stdout, shown.stdout
+    assert "recipe      vocab (size 275, removed 25" in shown.stdout, shown.stdout
+
+
 @pytest.mark.parametrize("args,message", [
     (["--vocab-size", "0"], "--vocab-size 0: give the number of tokens to keep"),
     (["--vocab-size", "100"], "the smallest allowed --vocab-size is 258"),
