@@ -143,7 +143,8 @@ class Recipe:
         vocab = VocabOptions(vocab_size, [str(f) for f in vocab_from] if vocab_from else None)
         vocab.validate()
         if vocab.active and target_bpw is not None:
-            raise LlmpackError("--target-bpw measures the untrimmed vocabulary; combine --vocab-size with --bits instead")
+            raise LlmpackError("--target-bpw measures the untrimmed vocabulary; combine --vocab-size with --bits "
+                               "instead")
         if sensitivity_file is not None:
             if target_bpw is None:
                 raise LlmpackError("--sensitivity only applies with --target-bpw; add --target-bpw X or drop it")

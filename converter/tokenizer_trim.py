@@ -45,17 +45,11 @@ class TrimPlan:
     rows: int  # rows of the original embedding
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (the byte-level BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+def byte_alphabet() -> list[str]:
+    """The 256 symbols a byte-level BPE spells bytes with (GPT-2's byte -> character table)."""
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.ByteLevel.alphabet()
 
 
 def _flatten(component) -> list[dict]:
@@ -101,7 +95,7 @@ class BpeTokenizerJson:
         character BPE without either) every token no merge produces."""
         pre = _flatten(self.doc.get("pre_tokenizer")) + _flatten(self.doc.get("decoder"))
         if any(p.get("type") == "ByteLevel" for p in pre):
-            return {self.vocab[c] for c in bytes_to_unicode().values() if c in self.vocab}
+            return {self.vocab[c] for c in byte_alphabet() if c in self.vocab}
         if self.model.get("byte_fallback"):
             return {self.vocab[f"<0x{b:02X}>"] for b in range(256) if f"<0x{b:02X}>" in self.vocab}
         return {i for i in self.vocab.values() if i not in self.producers}

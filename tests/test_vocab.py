@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_tokenizer import bpe_folder, runtime_tokenizer
+from test_tokenizer import bpe_folder, hf_tokenizer, runtime_tokenizer, sp_folder
 from tiny_models import make_tiny
 
 torch = pytest.importorskip("torch")
@@ -48,7 +48,7 @@ def test_protected_set_and_merges(trimmed_tok):
     orig, trim, plan = trimmed_tok
     assert len(plan.kept) == plan.protected + 12 == trim.vocab_size
     kept_tokens = {orig.id_to_token(int(i)) for i in plan.kept}
-    alphabet = set(tokenizer_trim.bytes_to_unicode().values())
+    alphabet = set(tokenizer_trim.byte_alphabet())
     assert alphabet <= kept_tokens and {"<s>", "</s>", "<|im_start|>", "<|im_end|>"} <= kept_tokens
     counts = {}
     for i in orig.encode(CORPUS):
@@ -81,6 +81,33 @@ def test_text_of_kept_tokens_tokenizes_as_the_original(trimmed_tok, picks):
     want = orig.encode(text)
     if all(plan.new_of_old[i] >= 0 for i in want):
         assert trim.encode(text) == [int(plan.new_of_old[i]) for i in want]
+
+
+@pytest.fixture(scope="module")
+def trimmed_fallback(tmp_path_factory):
+    """A sentencepiece-style BPE with byte fallback, as tokenizer.json (transformers' conversion of
+    test_tokenizer's tiny sentencepiece model), trimmed to its protected set plus 20 tokens."""
+    root = tmp_path_factory.mktemp("sp")
+    hf_tokenizer(sp_folder(root / "sp")).save_pretrained(root / "json")
+    (root / "json" / "tokenizer.model").unlink(missing_ok=True)
+    orig, section = runtime_tokenizer(root / "json")
+    assert section["kind"] == "hf_json"
+    blob = orig._tok.to_str().encode()
+    bpe = tokenizer_trim.BpeTokenizerJson(blob)
+    assert bpe.model["byte_fallback"]
+    protected = tokenizer_trim.protected_ids(bpe, section, {}, orig.vocab_size)
+    assert {bpe.vocab[f"<0x{b:02X}>"] for b in range(256)} <= protected
+    plan = tokenizer_trim.plan((section, "t", blob), {}, {}, orig.vocab_size, len(protected) + 20, [CORPUS], "c")
+    return orig, Tokenizer(section, plan.blob), plan
+
+
+@FUZZ
+@given(text=st.text(max_size=60))
+def test_byte_fallback_tokenizer_round_trips_any_text(trimmed_fallback, text):
+    orig, trim, plan = trimmed_fallback
+    ids = trim.encode(text)
+    assert all(0 <= i < len(plan.kept) for i in ids) and trim.vocab_size < orig.vocab_size
+    assert trim.decode(ids, skip_special_tokens=False) == orig.decode(orig.encode(text), skip_special_tokens=False)
 
 
 def test_corpus_tokenizes_as_the_original(trimmed_tok):
