@@ -67,12 +67,12 @@ def _print_cross(r: dict) -> int:
     print(f"text        {r['text']}  {r['windows']} windows of whole lines, each model with its own tokenizer "
           f"({r['tokens']} tokens; reference {r['tokens_ref']})")
     print(f"bits/byte   file {r['bpb']:.4f}  reference {r['bpb_ref']:.4f}  ratio {r['bpb_ratio']:.5f}")
-    share = f"{100 * r['identical_windows']:.1f} % of windows tokenized alike"
+    share = (f"{100 * r['identical_windows']:.1f} % of windows tokenized alike, {r['positions']} positions "
+             f"({100 * r['compared_positions']:.1f} %) with the same context")
     if r["kld"] is None:
-        print(f"KLD         n/a: no window is tokenized alike by both ({share})")
+        print(f"KLD         n/a: no position has the same context in both ({share})")
         return 0
-    print(f"KLD         {r['kld']:.6f} nats over the shared tokens (p99 {r['kld_p99']:.4f}; {share}, "
-          f"{r['positions']} positions)")
+    print(f"KLD         {r['kld']:.6f} nats over the shared tokens (p99 {r['kld_p99']:.4f}; {share})")
     print(f"top-1       {100 * r['top1']:.2f} % agreement; reference mass on removed tokens "
           f"{100 * r['ref_mass_removed']:.2f} %")
     return 0

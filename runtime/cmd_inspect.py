@@ -134,7 +134,7 @@ def _quality_line(q: dict) -> str:
         if q.get("tokenization") == "own":  # a trimmed vocabulary: each model read the text its own way
             kld = "n/a" if q["kld"] is None else f"{q['kld']:.4f} nats, top-1 {100 * q['top1']:.2f} %"
             return (f"bits/byte {q['bpb']:.4f} vs {q['bpb_ref']:.4f} (ratio {q['bpb_ratio']:.4f}); KLD {kld} on the "
-                    f"{100 * q['identical_windows']:.0f} % of windows tokenized alike; against the "
+                    f"{100 * q.get('compared_positions', 0):.0f} % of positions read alike; against the "
                     f"{q.get('reference', 'reference')} on {q['text']}, {q['windows']} windows of <= {q['ctx']} tokens")
         return (f"KLD {q['kld']:.4f} nats (p99 {q['kld_p99']:.3f}), top-1 {100 * q['top1']:.2f} %, perplexity "
                 f"{q['ppl']:.3f} vs {q['ppl_ref']:.3f} (ratio {q['ppl_ratio']:.4f}) against the "

@@ -56,15 +56,16 @@ def main(argv=None):
         r.update(file=str(f), file_bytes=Path(f).stat().st_size, windows=acc.windows, ctx=args.ctx,
                  text_bytes=sum(len(x.encode("utf-8")) for x in pieces))
         rows.append(r)
-    print("| file | MB | tokens | bits/byte | ref bits/byte | bpb ratio | windows alike | KLD (alike) | top-1 % | "
-          "ref mass removed % |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| file | MB | tokens | bits/byte | ref bits/byte | bpb ratio | windows alike | positions alike | "
+          "KLD (alike) | top-1 % | ref mass removed % |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         kld = "n/a" if r["kld"] is None else f"{r['kld']:.4f}"
         top1 = "n/a" if r["top1"] is None else f"{100 * r['top1']:.2f}"
         mass = "n/a" if r["ref_mass_removed"] is None else f"{100 * r['ref_mass_removed']:.3f}"
         print(f"| {Path(r['file']).name} | {r['file_bytes'] / 1e6:.1f} | {r['tokens']} | {r['bpb']:.4f} | "
-              f"{r['bpb_ref']:.4f} | {r['bpb_ratio']:.4f} | {100 * r['identical_windows']:.0f} % | {kld} | {top1} | "
+              f"{r['bpb_ref']:.4f} | {r['bpb_ratio']:.4f} | {100 * r['identical_windows']:.0f} % | "
+              f"{100 * r['compared_positions']:.1f} % | {kld} | {top1} | "
               f"{mass} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
