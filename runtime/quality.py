@@ -14,7 +14,8 @@ except the last predicts the next token of that window. Over all those positions
 All in float64 from each model's float32 logits. When the two models tokenize the text
 differently (a trimmed vocabulary, `convert --vocab-size`), each is scored on the same text
 windows under its own tokenization instead (runtime/quality_cross.py): bits per byte for both,
-KLD and top-1 only over windows both tokenize alike, with the share of such windows.
+KLD and top-1 only where both read the same tokens (windows tokenized alike, and the common
+prefix of the others), with the shares of windows and positions compared.
 .llmpack files run on the numpy reference backend by default (exact dequantization, the format's
 ground truth). Torch-free: the reference is another .llmpack or a callable; the
 transformers-folder reference lives in llmpack.converter.reference (it imports torch).
