@@ -123,10 +123,11 @@ class BpeTokenizerJson:
         model["vocab"] = {t: new(i) for t, i in sorted(self.vocab.items(), key=lambda kv: kv[1]) if new(i) >= 0}
         merges = []
         for a, b in self.merges:
-            r = self.vocab.get(a + b)
-            if r is not None and new(r) >= 0:
-                assert new(self.vocab[a]) >= 0 and new(self.vocab[b]) >= 0, (a, b)  # closed under merges
-                merges.append(f"{a} {b}" if self.merge_strings else [a, b])
+            r, ia, ib = self.vocab.get(a + b), self.vocab.get(a), self.vocab.get(b)
+            if r is None or ia is None or ib is None or new(r) < 0:
+                continue  # produces a removed token (or dangles: tokenizers ignores it too)
+            assert new(ia) >= 0 and new(ib) >= 0, (a, b)  # the kept set is closed under merges
+            merges.append(f"{a} {b}" if self.merge_strings else [a, b])
         model["merges"] = merges
         for t in doc.get("added_tokens", []):
             t["id"] = new(int(t["id"]))

@@ -252,3 +252,25 @@ def test_bad_vocab_options_are_one_line_errors(args, message, packs, tmp_path):
 def test_sentencepiece_only_tokenizer_is_refused():
     with pytest.raises(LlmpackError, match="needs a tokenizer.json"):
         tokenizer_trim.plan(({"kind": "sentencepiece"}, "t", b""), {}, {}, 300, 280, [""], "c")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen05", "gemma270m"])  # byte-level BPE; byte-fallback BPE (262k)
+def test_real_tokenizer_trimmed_to_32k(name):
+    from llmpack.converter.quantize.calib import default_text
+    from test_tokenizer import STRINGS, real_tokenizers
+
+    orig, section, _ = real_tokenizers(name)
+    blob = orig._tok.to_str().encode()
+    plan = tokenizer_trim.plan((section, "t", blob), {}, {}, orig.vocab_size, 32768, [default_text()], "c")
+    trim = Tokenizer(section, plan.blob)
+    assert trim.vocab_size == 32768
+    for text in STRINGS + ["naïve façade — “quotes” 日本語 😀 \u200b\x00\x7f"]:
+        ids = trim.encode(text)
+        assert all(0 <= i < 32768 for i in ids)
+        assert trim.decode(ids, skip_special_tokens=False) == orig.decode(orig.encode(text), skip_special_tokens=False)
+    for t in ("<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>"):  # the chat markers stay single
+        if orig.token_to_id(t) is not None:
+            assert trim.encode(t, add_special_tokens=False) == [int(plan.new_of_old[orig.token_to_id(t)])]
+    text = default_text()[:20000]  # the counting corpus uses only kept tokens: it tokenizes identically
+    assert trim.encode(text) == [int(plan.new_of_old[i]) for i in orig.encode(text)]
