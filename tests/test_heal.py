@@ -123,6 +123,8 @@ def test_fake_quant_weight_is_the_runtime_weight_bit_for_bit(bits, sym, sp):
     ("qwen2", dict(bits=2, method="gptq", group_size=16)),
     ("llama", dict(dtype="f16", prune_mlp=0.5)),
     ("gpt2", dict(dtype="f16", prune_mlp=0.5)),
+    ("llama", dict(slice=0.25, bits=4, group_size=16)),  # targets mapped into the sliced basis
+    ("mistral", dict(drop_layers=1, bits=4, group_size=16)),  # the teacher runs the dropped block
 ])
 def test_healing_lowers_held_out_kld_and_each_block_error(family, options, ckpts, tmp_path):
     model, folder = ckpts(family)
@@ -130,7 +132,7 @@ def test_healing_lowers_held_out_kld_and_each_block_error(family, options, ckpts
     convert(folder, plain, quiet=True, **CALIB, **options)
     h = convert(folder, healed, quiet=True, heal=True, heal_tokens=8192, **CALIB, **options)
     before, after = kld(plain, model), kld(healed, model)
-    assert after < 0.95 * before, (before, after)  # measured: llama q2 -29 %, qwen2 q2 -9 %
+    assert after < 0.95 * before, (before, after)  # measured -29, -9, -21, ?, -23, -8 % (in order)
     steps = {r["step"]: r for r in h["recipe"]}
     for b, a in steps["heal_blocks"]["per_block_error"]:
         assert a < b
