@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
+from pathlib import Path
 
 from llmpack.formats.errors import LlmpackError
 
@@ -14,6 +16,7 @@ EXAMPLE = """examples:
   llmpack convert SRC -o small.llmpack --slice 0.2 --prune-mlp 0.2 --bits 4 --method gptq --eval
   llmpack convert SRC -o sparse.llmpack --bits 4 --method gptq --sparsity 2:4
   llmpack convert SRC -o trimmed.llmpack --bits 4 --vocab-size 32768          # keep 32k tokens
+  llmpack convert SRC -o q2-healed.llmpack --bits 2 --method gptq --heal --heal-tokens 65536 --eval
 
 methods: rtn (round to nearest, clipping range searched per group; no calibration),
 gptq (layer by layer on calibration activations), awq (activation-aware scales + RTN),
@@ -75,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=_int, default=0, help="seed for sample choice (default 0)")
     c.add_argument("--no-act-order", action="store_true", help="GPTQ: keep the natural column order")
     c.add_argument("--damp", type=_float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (0.01)")
+    h = p.add_argument_group("healing (trains the compressed model against the original; torch, calibrates)")
+    h.add_argument("--heal", action="store_true", help="after compression, train each block to reproduce the "
+                   "original's (block-wise), then the file's scales and norms against the original's next-token "
+                   "distribution (end to end), on the calibration text; resumable (OUT.heal/)")
+    h.add_argument("--heal-tokens", type=_int, metavar="N", help="training tokens of each phase (block-wise: per "
+                   "block); default 32768")
+    h.add_argument("--heal-device", metavar="cpu|cuda", help="where healing trains (default cpu)")
     e = p.add_argument_group("measurement")
     e.add_argument("--eval", action="store_true",
                    help="measure KLD/top-1/PPL against the source on the shipped evaluation text (three Python "
@@ -113,12 +123,20 @@ def main(argv) -> int:
 
     eval_text = args.eval_text or (default_eval_path() if args.eval else None)
 
-    convert(args.src, args.output, dtype=args.dtype, group_size=args.group_size, quiet=args.quiet,
-            bits=args.bits, method=args.method, keep=args.keep, target_bpw=args.target_bpw, calib=args.calib,
-            calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
-            symmetric=args.symmetric, act_order=not args.no_act_order, damp=args.damp,
-            eval_text=eval_text, eval_windows=args.eval_windows, eval_ctx=args.eval_ctx,
-            sensitivity_file=args.sensitivity, slice=args.slice, prune_mlp=args.prune_mlp,
-            prune_heads=args.prune_heads, drop_layers=args.drop_layers, sparsity=args.sparsity,
-            vocab_size=args.vocab_size, vocab_from=args.vocab_from)
+    try:
+        convert(args.src, args.output, dtype=args.dtype, group_size=args.group_size, quiet=args.quiet,
+                bits=args.bits, method=args.method, keep=args.keep, target_bpw=args.target_bpw, calib=args.calib,
+                calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
+                symmetric=args.symmetric, act_order=not args.no_act_order, damp=args.damp,
+                eval_text=eval_text, eval_windows=args.eval_windows, eval_ctx=args.eval_ctx,
+                sensitivity_file=args.sensitivity, slice=args.slice, prune_mlp=args.prune_mlp,
+                prune_heads=args.prune_heads, drop_layers=args.drop_layers, sparsity=args.sparsity,
+                heal=args.heal, heal_tokens=args.heal_tokens, heal_device=args.heal_device,
+                vocab_size=args.vocab_size, vocab_from=args.vocab_from)
+    except KeyboardInterrupt:
+        kept = Path(args.output + ".heal")
+        if args.heal and kept.is_dir():
+            print(f"\nllmpack convert: interrupted; healing checkpoints kept in {kept}: run the same command "
+                  f"to resume", file=sys.stderr)
+        raise
     return 0

@@ -104,26 +104,50 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
     header = _header(r, recipe, calib_info, done, allocation)
     if trim is not None:
         header.update(generation=trim.generation, config=trim.config)
-    with PackWriter(out) as w:
+    evaluator = _evaluator(src, recipe, eval_src, quiet, source_tokenizer) if eval_src is not None else None
+    healing = None
+    if recipe.heal is not None:
+        from .heal.run import Healing
+
+        healing = Healing(recipe.heal, out, Healing.key(header, _options_record(recipe), ids), quiet)
+        steps = healing.wrap(steps)
+    if healing is None or not healing.stream_done():
+        target = healing.stage1 if healing is not None else out
+        _write(target, r, s, steps, header, t0, evaluator if healing is None or not healing.e2e else None, quiet)
+        if healing is not None:
+            healing.after_stream()
+    if healing is not None:
+        healing.finish(s.ids, evaluator)
+    if not quiet:
+        print(f"convert: wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s",
+              file=sys.stderr)
+    return _read_header(out)
+
+
+def _write(target, r: Source, s, steps: list, header: dict, t0: float, amend, quiet: bool):
+    """Stream the model through the steps into `target`; the steps' records go into the header."""
+    done = header["recipe"]
+    with PackWriter(target) as w:
         for name, arr in r.extra.items():
             w.add_array(name, arr, "f32")
         t1 = time.time()
         stream_mod.run(s, steps, w, quiet=quiet)
         done += [{"step": step.name, **step.options()} for step in steps]
         if steps:  # the stream runs its steps together: its time goes to the record of the last
-            done[-1]["seconds"] = round(time.time() - t1, 2)
+            done[-1].setdefault("seconds", round(time.time() - t1, 2))
         w.add_blob(r.tokenizer[1], r.tokenizer[2])
         header["model"]["n_layers"] = len(header["model"]["layers"])
         options = header["provenance"]["options"]
-        if opts.quantized:
+        if s.opts.quantized:
             options["bits_per_weight"] = round(_bits_per_weight(w), 4)
         header["provenance"]["seconds"] = round(time.time() - t0, 2)
-        w.finish(header, amend=_evaluator(src, recipe, eval_src, options, quiet, source_tokenizer)
-                 if eval_src is not None else None)
-    if not quiet:
-        print(f"convert: wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s",
-              file=sys.stderr)
-    return _read_header(out)
+        w.finish(header, amend=amend)
+
+
+def _options_record(recipe: Recipe) -> dict:
+    return {"dtype": recipe.dtype, "quant": recipe.quant.describe(), "structure": recipe.structure.describe(),
+            "heal": recipe.heal.describe() if recipe.heal is not None else None,
+            "vocab": [recipe.vocab.size, recipe.vocab.corpus]}
 
 
 def _trim_vocabulary(r: Source, recipe: Recipe):
@@ -199,20 +223,21 @@ def _steps(recipe: Recipe, s, quiet: bool) -> tuple[list, list]:
         steps.append(slicing.SliceStep(st.slice))
     if st.prune_heads is not None or st.prune_mlp is not None:
         steps.append(pruning.PruneStep(heads=st.prune_heads or 0, mlp=st.prune_mlp or 0))
-    if recipe.quant.calibrated:
-        steps.append(QuantizeStep(recipe.quant))
+    if recipe.quant.calibrated or (recipe.quant.quantized and recipe.heal is not None):
+        steps.append(QuantizeStep(recipe.quant))  # healing trains on the quantized parts this step makes
     elif recipe.quant.quantized:
         steps.append(stream_mod.WriteTimeStep("quantize", recipe.quant.describe()))  # RTN as each tensor is written
     return steps, done
 
 
-def _evaluator(src, recipe: Recipe, eval_src, options: dict, quiet: bool, source_tokenizer: tuple):
+def _evaluator(src, recipe: Recipe, eval_src, quiet: bool, source_tokenizer: tuple):
     def amend(tmp_path):
         from llmpack.runtime.quality import evaluate_files
         from llmpack.runtime.tokenizer import Tokenizer
 
         from .reference import hf_logits_fn
 
+        options = _read_header(tmp_path)["provenance"]["options"]
         report = evaluate_files(tmp_path, hf_logits_fn(src, quiet), eval_src, windows=recipe.eval_windows,
                                 ctx=recipe.eval_ctx, quiet=quiet,
                                 ref_tokenizer=Tokenizer(source_tokenizer[0], source_tokenizer[2]))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from llmpack.formats.errors import LlmpackError
 
+from .heal.options import HealOptions
 from .quantize.options import QuantOptions
 
 DTYPES = ("f32", "f16", "bf16", "q8")
@@ -109,11 +110,12 @@ class Recipe:
     eval_windows: int = 16
     eval_ctx: int = 512
     sensitivity_file: str | None = None
+    heal: HealOptions | None = None
     vocab: VocabOptions = field(default_factory=VocabOptions)
 
     @property
     def calibrated(self) -> bool:
-        return self.quant.calibrated or self.structure.any
+        return self.quant.calibrated or self.structure.any or self.heal is not None
 
     @classmethod
     def from_options(cls, dtype: str = "f16", group_size: int | None = None, bits: int | None = None,
@@ -122,6 +124,7 @@ class Recipe:
                      symmetric: bool | None = None, act_order: bool = True, damp: float = 0.01,
                      eval_text=None, eval_windows: int = 16, eval_ctx: int = 512, sensitivity_file=None,
                      slice=None, prune_mlp=None, prune_heads=None, drop_layers=None, sparsity=None,
+                     heal: bool = False, heal_tokens: int | None = None, heal_device: str | None = None,
                      vocab_size=None, vocab_from=None) -> "Recipe":
         """The keyword options of `convert()` / the CLI, validated (LlmpackError on the first bad one)."""
         if dtype not in DTYPES:
@@ -142,6 +145,9 @@ class Recipe:
             raise LlmpackError("--target-bpw measures the unpruned model; combine slicing/pruning with --bits instead")
         vocab = VocabOptions(vocab_size, [str(f) for f in vocab_from] if vocab_from else None)
         vocab.validate()
+        if vocab.active and heal:
+            raise LlmpackError("--heal trains against the untrimmed model's tokens; combine --vocab-size with --bits "
+                               "(without --heal) for now")
         if vocab.active and target_bpw is not None:
             raise LlmpackError("--target-bpw measures the untrimmed vocabulary; combine --vocab-size with --bits "
                                "instead")
@@ -150,4 +156,22 @@ class Recipe:
                 raise LlmpackError("--sensitivity only applies with --target-bpw; add --target-bpw X or drop it")
             if not Path(sensitivity_file).parent.is_dir():
                 raise LlmpackError(f"--sensitivity {sensitivity_file}: no such folder {Path(sensitivity_file).parent}")
-        return cls(dtype, quant, structure, eval_text, eval_windows, eval_ctx, sensitivity_file, vocab)
+        return cls(dtype, quant, structure, eval_text, eval_windows, eval_ctx, sensitivity_file,
+                   _heal_options(heal, heal_tokens, heal_device, quant, structure, dtype, seed), vocab)
+
+
+def _heal_options(heal, tokens, device, quant: QuantOptions, structure: StructureOptions, dtype: str, seed: int):
+    if not heal:
+        if tokens is not None or device is not None:
+            raise LlmpackError("--heal-tokens and --heal-device only apply with --heal; add --heal")
+        return None
+    if not quant.quantized and not structure.any:
+        raise LlmpackError(f"--heal: nothing to heal in a {dtype} file; add --bits, --sparsity or a structure "
+                           f"option (--slice, --prune-mlp, --prune-heads, --drop-layers)")
+    opts = HealOptions(seed=seed)
+    if tokens is not None:
+        opts.tokens = tokens
+    if device is not None:
+        opts.device = device
+    opts.validate()
+    return opts

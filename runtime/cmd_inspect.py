@@ -114,7 +114,7 @@ def _numel(shape):
     return n
 
 
-_QUIET = {"step", "calib", "calib_samples", "calib_seqlen", "seed", "act_order", "damp", "keep", "dropped"}
+_QUIET = {"step", "calib", "calib_samples", "calib_seqlen", "seed", "act_order", "damp", "keep", "dropped", "per_block_error"}
 
 
 def _step_text(r: dict) -> str:

@@ -7,6 +7,9 @@ the converter's calibration runner.
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 import numpy as np
 
 from llmpack.formats.blocks import check_pack
@@ -39,6 +42,58 @@ class KVCache:
         self.length = min(self.length, length)
 
 
+def memory_budget() -> int:
+    """Bytes of widened (float32) weights the backend may keep: LLMPACK_NUMPY_BUDGET_GB, else 60 %
+    of the memory available now (Linux), else 8 GB."""
+    env = os.environ.get("LLMPACK_NUMPY_BUDGET_GB")
+    if env is not None:
+        return int(float(env) * 2**30)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 * 6 // 10
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+class Weights(Mapping):
+    """Tensor name -> float32 array for the block math. f32 tensors are zero-copy views of the
+    mapped file; other types are widened once at load while the widened copies fit `budget`
+    bytes, in file order, and the rest at each use (a 7.6B q4 file is 30 GB as float32: it runs
+    on a 24 GB machine, slowly, instead of not at all)."""
+
+    def __init__(self, pack: Pack, names, budget: int):
+        self.pack, self.names = pack, set(names)
+        self.kept: dict = {}
+        self.lazy = set()
+        for n in sorted(self.names, key=lambda n: min(off for off, _, _ in pack.tensors[n]["parts"].values())):
+            t = pack.tensors[n]
+            size = 4 * int(np.prod(t["shape"]))
+            if t["type"] == "f32" or size <= budget:
+                self.kept[n] = pack.array(n)
+                budget -= 0 if t["type"] == "f32" else size
+            else:
+                self.lazy.add(n)
+
+    def __getitem__(self, name):
+        if name in self.kept:
+            return self.kept[name]
+        if name in self.lazy:
+            return self.pack.array(name)
+        raise KeyError(name)
+
+    def __contains__(self, name):
+        return name in self.kept or name in self.lazy
+
+    def __iter__(self):
+        return iter(self.kept.keys() | self.lazy)
+
+    def __len__(self):
+        return len(self.kept) + len(self.lazy)
+
+
 class NumpyBackend:
     name = "numpy"
 
@@ -47,12 +102,10 @@ class NumpyBackend:
         self.spec = check_pack(pack.header, {n: t["shape"] for n, t in pack.tensors.items()}, f"{pack.path}: ")
         self.context_length = self.spec.context_length
         self.vocab_size = self.spec.vocab
-        # f32 tensors are zero-copy views of the mapped file; other types are widened once here.
-        # The embedding stays in its stored type unless f32: rows are widened as they are gathered.
-        self.w = {n: pack.array(n) for n in self.spec.tensor_names()
-                  if n != "embed.weight" or pack.tensors[n]["type"] == "f32"}
-        if self.spec.tied and "embed.weight" not in self.w:
-            self.w["embed.weight"] = pack.array("embed.weight")
+        # The embedding stays in its stored type unless f32 or tied: rows are widened as gathered.
+        names = [n for n in self.spec.tensor_names()
+                 if n != "embed.weight" or pack.tensors[n]["type"] == "f32" or self.spec.tied]
+        self.w = Weights(pack, names, memory_budget())
         self.blocks = [BlockMath(self.spec, b, self.w) for b in self.spec.blocks]
         self.inv_freq = {k: self.w[f"rope.{k}.inv_freq"] for k in self.spec.rope_scaling}
 

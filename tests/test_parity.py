@@ -211,3 +211,19 @@ def _dequantized_twin(rt, out):
     twin = load(out, backend="numpy")
     assert {t["type"] for t in twin.header["tensors"]} <= {"f32", "u8"}
     return twin
+
+
+def test_numpy_backend_widens_at_each_use_beyond_its_memory_budget(tmp_path, monkeypatch):
+    """A budget of 0 keeps no widened copy (the 7B-on-a-laptop case): the same logits, every
+    quantized matrix dequantized at each use."""
+    from llmpack.converter import convert
+    from llmpack.runtime import load
+
+    make_tiny("qwen2", tmp_path / "ckpt")
+    convert(tmp_path / "ckpt", tmp_path / "q4.llmpack", bits=4, quiet=True)
+    ids = list(range(3, 40))
+    eager = load(tmp_path / "q4.llmpack", backend="numpy")
+    monkeypatch.setenv("LLMPACK_NUMPY_BUDGET_GB", "0")
+    lazy = load(tmp_path / "q4.llmpack", backend="numpy")
+    assert lazy.backend.w.lazy and not eager.backend.w.lazy
+    assert np.array_equal(lazy.logits(ids), eager.logits(ids))

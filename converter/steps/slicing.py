@@ -139,6 +139,13 @@ class SliceStep(Step):
         self.Q = Q_next
         return (y.astype(np.float64) @ Q_next).astype(np.float32)
 
+    def to_student(self, y: np.ndarray) -> np.ndarray:
+        """A residual of the original model (..., D) in the sliced basis of the block just done
+        (healing's block targets): centered where LayerNorm was made RMSNorm, then projected."""
+        if self.center:
+            y = y - y.mean(axis=-1, keepdims=True)
+        return (y.astype(np.float64) @ self.Q).astype(np.float32)
+
     def post(self, s: Stream, post: dict, x):
         W = self.head_source if self.head_source is not None else post["head.weight"]
         w = post.pop("final_norm.weight").astype(np.float64)

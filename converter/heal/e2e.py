@@ -1,0 +1,173 @@
+"""Phase 2: the whole file's scales and norms trained against the original's next tokens.
+
+File to file: the codes and zero points of every quantized tensor stay as stored, the f16
+scales of every block linear, the norms and the biases learn (EfficientQAT's E2E-QP), so the
+output has exactly the input's layout and size. The loss is the KL divergence from the
+original's next-token distribution, kept by the teacher as the top-k log-probabilities of
+each calibration token plus the tail's mass: KL over k + 1 bins, never a full-vocabulary
+target. The embedding and the head stay frozen (the head's gradient alone would cost as much
+as the rest of the model). The head and loss run on chunks of tokens under activation
+checkpointing, so the (tokens x vocabulary) logits never exist for a whole batch.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from llmpack.formats.blocks import describe_model
+from llmpack.formats.reader import Pack
+from llmpack.formats.spec import STORAGE_TYPES
+from llmpack.formats.writer import PackWriter
+from llmpack.runtime.numpy_block import embed
+
+from . import torch_block
+from .params import Params
+from .train import Meter, Trainer, batch_order, steps_for
+
+CHUNK = 512  # tokens per head-and-loss chunk: 512 x 152k logits = 311 MB
+
+
+def topk_kl(z, idx, lp):
+    """Mean KL(teacher || student) over tokens; z (N, V) student logits, teacher top-k idx/lp (N, k)."""
+    logq = torch.log_softmax(z.float(), dim=-1)
+    q_top = logq.gather(1, idx)
+    p_top = lp.exp()
+    tail_p = (1 - p_top.sum(1)).clamp_min(1e-9)
+    tail_q = (1 - q_top.exp().sum(1)).clamp_min(1e-9)
+    return ((p_top * (lp - q_top)).sum(1) + tail_p * (tail_p.log() - tail_q.log())).mean()
+
+
+class FileStudent:
+    """A packed file as a torch model: quantized linears with fixed codes, learnable scales."""
+
+    def __init__(self, pack: Pack, ids: np.ndarray, device):
+        self.pack, self.dev = pack, torch.device(device)
+        shapes = {n: tuple(t["shape"]) for n, t in pack.tensors.items()}
+        self.spec = spec = describe_model(pack.header["model"], shapes)
+        p = self.p = Params(self.dev)
+        for b in spec.blocks:
+            for lin in b.linears():
+                self._add(lin.name + ".weight")
+                if lin.bias:
+                    p.vector(lin.name + ".bias", pack.array(lin.name + ".bias"))
+            for n in b.norms():
+                for suffix in (".weight", ".bias") if n.bias else (".weight",):
+                    p.vector(n.name + suffix, pack.array(n.name + suffix))
+        for suffix in (".weight", ".bias") if spec.final_norm.bias else (".weight",):
+            p.vector(spec.final_norm.name + suffix, pack.array(spec.final_norm.name + suffix))
+        head = spec.head.name
+        p.fixed(head + ".weight", pack.array(head + ".weight"))
+        if spec.head.bias:
+            p.fixed(head + ".bias", pack.array(head + ".bias"))
+        rows = pack.array("embed.weight", rows=ids.ravel()).reshape(ids.shape + (-1,))
+        pos = pack.array("pos_embed.weight")[: ids.shape[1]] if spec.learned_pos else None
+        self.x0 = torch.from_numpy(embed(spec, rows, pos))
+        inv = {k.split(".")[1]: pack.array(k) for k in pack.tensors if k.startswith("rope.")}
+        self.tables = torch_block.rope(spec, inv, ids.shape[1], self.dev)
+        self.blocks = [torch_block.TorchBlock(spec, b, p) for b in spec.blocks]
+
+    def _add(self, name: str):
+        """A block's linear: quantized -> fixed codes with learnable scales; float -> frozen."""
+        t = self.pack.tensors[name]
+        typ = t["type"]
+        if STORAGE_TYPES[typ].quantized:
+            self.p.quantized(name, typ, tuple(t["shape"]), t["group_size"], self.pack.parts(name), t.get("nnz"),
+                             latent=False)
+        else:
+            self.p.fixed(name, self.pack.array(name))
+
+    def hidden(self, rows):
+        """The last block's output for batch `rows`. Training keeps only each block's input and
+        recomputes the block in the backward pass (activation checkpointing: a block's
+        activations are ~300 MB at 4 x 512 tokens on the 0.5B, 24 blocks would hold 7 GB)."""
+        x = self.x0[rows].to(self.dev)
+        for b in self.blocks:
+            x = checkpoint(b, x, self.tables, use_reentrant=False) if torch.is_grad_enabled() else b(x, self.tables)
+        return x
+
+    def logits(self, h):
+        return torch_block.logits(self.spec, self.p, h)
+
+    def loss(self, rows, idx, lp):
+        """Mean top-k KL of batch `rows`; idx/lp (B, T, k) teacher targets of those rows."""
+        h = self.hidden(rows).reshape(-1, self.x0.shape[-1])
+        idx, lp = idx.reshape(-1, idx.shape[-1]), lp.reshape(-1, lp.shape[-1])
+        total = 0.0
+        for a in range(0, h.shape[0], CHUNK):
+            c = slice(a, a + CHUNK)
+            n = h[c].shape[0]
+            part = checkpoint(lambda hc, i, l: topk_kl(self.logits(hc), i, l), h[c], idx[c], lp[c],
+                              use_reentrant=False)
+            total = total + part * (n / h.shape[0])
+        return total
+
+    def write(self, out, header: dict, amend=None):
+        """The trained file: every tensor as stored, the trained ones replaced."""
+        pack = self.pack
+        trained = set(self.p.mods) | set(self.p.vecs)
+        with PackWriter(out) as w:
+            for t in pack.tensors.values():
+                name = t["name"]
+                if name in trained:
+                    kind, *rest = self.p.stored(name)
+                    if kind == "q":
+                        typ, shape, g, parts, nnz = rest
+                        w.add(name, typ, shape, parts, group_size=g, nnz=nnz)
+                    else:
+                        w.add_array(name, rest[0], t["type"])
+                else:
+                    w.add(name, t["type"], t["shape"], pack.parts(name), group_size=t.get("group_size"),
+                          nnz=t.get("nnz"))
+            w.finish(header, amend=amend)
+
+
+def heal_file(src, out, ids: np.ndarray, topk: tuple, opts, state, amend=None,
+              quiet: bool = False) -> dict:
+    """Train `src`'s scales and norms on calibration `ids` (B, T) against the teacher's `topk`
+    ((B*T, k) indices and log-probabilities); write `out`. Returns the phase's record and the
+    trained student (whose logits the written file reproduces)."""
+    t0 = time.time()
+    pack = Pack(src)
+    st = FileStudent(pack, ids, opts.device)
+    B, T = ids.shape
+    idx = torch.from_numpy(topk[0].astype(np.int64).reshape(B, T, -1))
+    lp = torch.from_numpy(topk[1].reshape(B, T, -1))
+    batch = min(opts.batch, B)
+    steps = steps_for(opts.tokens, batch, T)
+    probe = np.arange(min(B, batch))  # the KL before and after, on the first rows
+
+    def kl(rows):
+        return st.loss(rows, idx[rows].to(st.dev), lp[rows].to(st.dev))
+
+    with torch.no_grad():
+        before = kl(probe).item()
+    trainer = Trainer(st.p.groups(0.0, opts.e2e_lr_scale, opts.e2e_lr_float, 0.0), steps, after_step=st.p.clamp, name="e2e")
+    saved = state.load("e2e.npz")
+    if saved is not None:
+        trainer.restore(saved)
+        before = float(saved["before"])
+    meter = Meter("heal end-to-end", steps, batch * T, quiet)
+    order = batch_order(B, batch, steps, opts.seed + 7919)
+    last_save = time.time()
+    for k in range(trainer.step_no, steps):
+        loss = kl(order[k])
+        trainer.step(loss)
+        meter.tick(k, loss.item())
+        if time.time() - last_save >= opts.save_every or k + 1 == steps:
+            state.save("e2e.npz", {**trainer.state(), "before": np.asarray(before)})
+            last_save = time.time()
+    with torch.no_grad():
+        after = kl(probe).item()
+    if not quiet:
+        print(f"heal end-to-end: KL {before:.4f} -> {after:.4f} on {len(probe) * T} calibration tokens "
+              f"({steps} steps, {time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+    rec = {"step": "heal_e2e", "tokens": steps * batch * T, "kl": {"before": float(f"{before:.6g}"), "after": float(f"{after:.6g}")},
+           "seconds": round(time.time() - t0, 1)}
+    header = {k: v for k, v in pack.header.items() if k not in ("tensors", "format_version", "min_reader")}
+    header["recipe"] = list(header.get("recipe", [])) + [rec]
+    st.write(out, header, amend)
+    return rec, st

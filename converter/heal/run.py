@@ -1,0 +1,61 @@
+"""Healing inside `convert()`: the teacher and block-wise steps around the recipe's steps, the
+phase-1 file in the checkpoint folder, then the end-to-end phase into the output."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from .blockwise import BlockHeal
+from .state import HealState
+from .teacher import Teacher
+
+
+class Healing:
+    def __init__(self, opts, out, key: dict, quiet: bool = False):
+        self.opts, self.out, self.quiet = opts, out, quiet
+        self.state = HealState(out, key, quiet)
+        self.teacher = Teacher(opts.top_k)
+        self.e2e = "e2e" in opts.phases
+
+    @staticmethod
+    def key(header: dict, recipe_options: dict, ids: np.ndarray) -> dict:
+        """What makes two runs the same run: source files, every option, the calibration tokens."""
+        return {"source": header["provenance"]["source"], "options": recipe_options,
+                "ids": hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()}
+
+    def wrap(self, steps: list) -> list:
+        """[teacher] + steps + [block-wise healing]: the teacher sees each block first."""
+        out = [self.teacher] + steps
+        if "block" in self.opts.phases:
+            maps = [st for st in steps if hasattr(st, "to_student")]  # steps that change the residual basis
+            out.append(BlockHeal(self.teacher, self.opts, self.state, maps, self.quiet))
+        return out
+
+    @property
+    def stage1(self):
+        """Where the stream writes: the checkpoint folder when an end-to-end phase follows."""
+        return self.state.path("stage1.llmpack") if self.e2e else self.out
+
+    def stream_done(self) -> bool:
+        """A resumed run whose phase 1 finished: the stream need not run again."""
+        return self.e2e and self.stage1.is_file() and self.state.path("teacher.npz").is_file()
+
+    def after_stream(self):
+        if self.e2e:
+            idx, lp = self.teacher.topk
+            self.state.save("teacher.npz", {"idx": idx, "lp": lp})
+        else:
+            self.state.remove()
+
+    def finish(self, ids: np.ndarray, amend=None) -> dict | None:
+        """Phase 2 into the output; the checkpoint folder goes once the output is in place."""
+        if not self.e2e:
+            return None
+        from .e2e import heal_file
+
+        t = self.state.load("teacher.npz")
+        rec, _ = heal_file(self.stage1, self.out, ids, (t["idx"], t["lp"]), self.opts, self.state, amend=amend,
+                        quiet=self.quiet)
+        self.state.remove()
+        return rec
