@@ -254,12 +254,13 @@ def _mb(n: int) -> str:
 
 
 def print_frontier(rows: list[dict], bf16_bytes: int, file=None):
+    """One row per size: target and planned bytes, MB, ratio to bf16, bits/weight, predicted KLD, types."""
     file = file or sys.stdout
-    print(f"{'target':>12} {'planned':>12} {'bytes':>13} {'x bf16':>7} {'bits/w':>7} {'pred. KLD':>10}  types",
+    print(f"{'target bytes':>14} {'planned bytes':>14} {'MB':>9} {'x bf16':>7} {'bits/w':>7} {'pred. KLD':>10}  types",
           file=file)
     for r in rows:
-        print(f"{_mb(r['target_bytes']):>12} {_mb(r['planned_bytes']):>12} {r['planned_bytes']:>13,d} "
-              f"{bf16_bytes / r['planned_bytes']:>6.2f}x {r['bits_per_weight']:>7.3f} {r['predicted_kld']:>10.5f}  "
+        print(f"{r['target_bytes']:>14,d} {r['planned_bytes']:>14,d} {r['planned_bytes'] / 1e6:>9.3f} "
+              f"{bf16_bytes / r['planned_bytes']:>6.2f}x {r['bits_per_weight']:>7.3f} {r['predicted_kld']:>10.4g}  "
               + " ".join(f"{k}:{v}" for k, v in r["types"].items()), file=file)
 
 
