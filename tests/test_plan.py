@@ -172,3 +172,22 @@ def test_bad_options_fail_cleanly(extra, expect, setup, tmp_path, capsys):
     assert code != 0 and expect in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_keep_counts_as_fixed_bytes(setup, tmp_path):
+    """A --keep'd matrix is no choice of the planner but its bytes count: still at or under, within 2 %."""
+    lo, hi = setup["frontier"]["smallest_bytes"], setup["frontier"]["largest_bytes"]
+    target = (lo + hi) // 2
+    out = tmp_path / "k.llmpack"
+    h = convert(setup["ckpt"], out, target_size=str(target), keep=["embed=f16"], **dict(_kw(setup), sensitivity_file=None))
+    assert next(t for t in h["tensors"] if t["name"] == "embed.weight")["type"] == "f16"
+    assert 0.98 * target <= out.stat().st_size <= target
+
+
+def test_target_above_the_largest_useful_file_writes_that(setup, tmp_path, capsys):
+    hi = setup["frontier"]["largest_bytes"]
+    out = tmp_path / "big.llmpack"
+    h = convert(setup["ckpt"], out, target_size=str(10 * hi), **dict(_kw(setup), quiet=False))
+    assert "at or above the largest useful file" in capsys.readouterr().err
+    assert out.stat().st_size <= _plan_record(h)["planned_bytes"] <= hi + 64
+    assert all(t["type"] == "q8" for t in h["tensors"] if t["type"].startswith("q"))
