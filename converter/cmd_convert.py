@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the size / predicted-KLD frontier (table, and OUT with .plan.png as a plot) "
                         "and write no pack; with --sensitivity FILE a second run costs no measurement")
     q.add_argument("--sensitivity", metavar="FILE",
-                   help="--target-bpw/--target-size: keep the measured per-tensor sensitivity in FILE and reuse it when "
-                        "FILE matches this checkpoint, calibration and options (another target then skips "
+                   help="--target-bpw/--target-size: keep the measured per-tensor sensitivity in FILE and reuse it "
+                        "when FILE matches this checkpoint, calibration and options (another target then skips "
                         "the measurement, like llama.cpp's --imatrix)")
     q.add_argument("--sparsity", metavar="S",
                    help="prune the decoder layers' weights (embedding and head stay dense), stored so the file "

@@ -38,7 +38,7 @@ from llmpack.formats.errors import LlmpackError
 from llmpack.formats.spec import ALIGN, FORMAT_VERSION, PREFIX_SIZE, READER_FOR_VERSION, align, part_layout
 
 from .quantize import sensitivity
-from .quantize.options import QUANTIZABLE, is_quantized
+from .quantize.options import is_quantized
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 FORMS = "bytes (126000000), kB/MB/GB (126MB), KiB/MiB/GiB (120MiB) or a ratio to the bf16 source (10x)"
@@ -150,7 +150,8 @@ class Plan:
         return sum(self.damages[n][c] for n, c in choice.items())
 
     def bits_per_weight(self, choice, shapes, opts) -> float:
-        bits = self.fixed_bits + sum(sensitivity.tensor_bits(b, shapes[n], g, opts.sym(b)) for n, (b, g) in choice.items())
+        bits = self.fixed_bits + sum(sensitivity.tensor_bits(b, shapes[n], g, opts.sym(b))
+                                     for n, (b, g) in choice.items())
         return bits / max(self.weights, 1)
 
 
@@ -193,8 +194,8 @@ def make_plan(r, s, recipe, calib_info, header: dict, quiet: bool = False, eval_
                                                    quiet, recipe.sensitivity_file, calib_info)
     tok_name, tok_blob = r.tokenizer[1], r.tokenizer[2]
     # directory offsets have at most the digits of an upper bound of the data region's end
-    upper = PREFIX_SIZE + align(len(tok_blob)) + sum(
-        align(math.prod(shape) * 4) + 4 * ALIGN for shape in list(r.shapes.values()) + [a.shape for a in r.extra.values()])
+    all_shapes = list(r.shapes.values()) + [a.shape for a in r.extra.values()]
+    upper = PREFIX_SIZE + align(len(tok_blob)) + sum(align(math.prod(shape) * 4) + 4 * ALIGN for shape in all_shapes)
     layout = Layout(len(str(upper)))  # every tensor at f32 is more than any plan's data region
     fixed = PREFIX_SIZE + layout.tensor(tok_name, "u8", (len(tok_blob),))
     fixed += sum(layout.tensor(n, "f32", a.shape) for n, a in r.extra.items())

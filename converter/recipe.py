@@ -108,7 +108,8 @@ class Recipe:
         structure = StructureOptions(slice, prune_mlp, prune_heads, drop_layers)
         structure.validate()
         if structure.any and quant.allocated:
-            raise LlmpackError("--target-bpw/--target-size measure the unpruned model; combine slicing/pruning with --bits instead")
+            raise LlmpackError("--target-bpw/--target-size measure the unpruned model; combine slicing/pruning "
+                               "with --bits instead")
         if sensitivity_file is not None:
             if not quant.allocated:
                 raise LlmpackError("--sensitivity only applies with --target-bpw or --target-size; add one or drop it")

@@ -3,7 +3,6 @@ under the target and within 2 % of it, the frontier, the recorded plan, option e
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,7 +178,8 @@ def test_keep_counts_as_fixed_bytes(setup, tmp_path):
     lo, hi = setup["frontier"]["smallest_bytes"], setup["frontier"]["largest_bytes"]
     target = (lo + hi) // 2
     out = tmp_path / "k.llmpack"
-    h = convert(setup["ckpt"], out, target_size=str(target), keep=["embed=f16"], **dict(_kw(setup), sensitivity_file=None))
+    h = convert(setup["ckpt"], out, target_size=str(target), keep=["embed=f16"],
+                **dict(_kw(setup), sensitivity_file=None))
     assert next(t for t in h["tensors"] if t["name"] == "embed.weight")["type"] == "f16"
     assert 0.98 * target <= out.stat().st_size <= target
 
