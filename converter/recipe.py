@@ -102,7 +102,7 @@ class Recipe:
 
             if target_bpw is not None or bits is not None:
                 raise LlmpackError(f"--target-size/--plan-only choose the bits per tensor; drop "
-                                   f"{'--target-bpw' if target_bpw is not None else '--bits'}")
+                                   f"{'--target-bpw' if target_bpw is not None else '--bits (or --dtype q8)'}")
             quant.target_size = parse_size(target_size)
         quant.validate()
         structure = StructureOptions(slice, prune_mlp, prune_heads, drop_layers)
