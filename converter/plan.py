@@ -312,6 +312,8 @@ def run(r, s, recipe, calib_info, header: dict, out, eval_text_name, quiet: bool
     """convert.py's planning step: with --plan-only the frontier (returned; no pack), else the
     choice for --target-size written into the stream's plan (`s.types`) and its recipe record."""
     target = recipe.quant.target_size
+    if recipe.plan_only and not Path(out).parent.is_dir():  # before the measurement, not after
+        raise LlmpackError(f"output folder {Path(out).parent} does not exist (the plot goes there); create it first")
     plan = make_plan(r, s, recipe, calib_info, header, quiet, eval_text_name)
     target_bytes = target.resolve(source_bf16_bytes(r.ckpt)) if target.text is not None else None
     if recipe.plan_only:

@@ -191,3 +191,12 @@ def test_target_above_the_largest_useful_file_writes_that(setup, tmp_path, capsy
     assert "at or above the largest useful file" in capsys.readouterr().err
     assert out.stat().st_size <= _plan_record(h)["planned_bytes"] <= hi + 64
     assert all(t["type"] == "q8" for t in h["tensors"] if t["type"].startswith("q"))
+
+
+def test_plan_only_into_a_missing_folder_fails_before_measuring(setup, tmp_path, capsys):
+    from llmpack.cli import main
+
+    code = main(["convert", str(setup["ckpt"]), "-o", str(tmp_path / "no" / "p.llmpack"), "--plan-only", "-q"])
+    err = capsys.readouterr().err
+    assert code != 0 and "does not exist" in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
