@@ -13,6 +13,8 @@ EXAMPLE = """examples:
   llmpack convert ./Qwen2.5-Coder-0.5B-Instruct -o qwen05-q4.llmpack --bits 4 --method gptq --eval
   llmpack convert SRC -o q4.llmpack --bits 4 --method awq+gptq --keep head=8 --eval-text standards.txt
   llmpack convert SRC -o mixed.llmpack --target-bpw 3.5 --method gptq
+  llmpack convert SRC -o small.llmpack --target-size 126MB --method gptq --sensitivity sens.json --eval
+  llmpack convert SRC -o plan.llmpack --plan-only --sensitivity sens.json   # size/KLD table + plan.plan.png
   llmpack convert SRC -o small.llmpack --slice 0.2 --prune-mlp 0.2 --bits 4 --method gptq --eval
   llmpack convert SRC -o sparse.llmpack --bits 4 --method gptq --sparsity 2:4
   llmpack convert SRC -o trimmed.llmpack --bits 4 --vocab-size 32768          # keep 32k tokens
@@ -48,9 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pick per-tensor bits (2/3/4/8) from measured sensitivity for an average of X bits per "
                         "weight over the weight matrices (scales and zero points counted); needs torch once "
                         "for a gradient pass")
+    q.add_argument("--target-size", metavar="SIZE",
+                   help="plan per-tensor bits and groups for a file of at most SIZE: bytes, kB/MB/GB, KiB/MiB/GiB "
+                        "(126MB) or a ratio to the source's bf16 size (10x); every byte counted (header, "
+                        "tokenizer, norms); calibrates like --target-bpw")
+    q.add_argument("--plan-only", action="store_true",
+                   help="print the size / predicted-KLD frontier (table, and OUT with .plan.png as a plot) "
+                        "and write no pack; with --sensitivity FILE a second run costs no measurement")
     q.add_argument("--sensitivity", metavar="FILE",
-                   help="--target-bpw: keep the measured per-tensor sensitivity in FILE and reuse it when "
-                        "FILE matches this checkpoint, calibration and options (another target then skips "
+                   help="--target-bpw/--target-size: keep the measured per-tensor sensitivity in FILE and reuse it "
+                        "when FILE matches this checkpoint, calibration and options (another target then skips "
                         "the measurement, like llama.cpp's --imatrix)")
     q.add_argument("--sparsity", metavar="S",
                    help="prune the decoder layers' weights (embedding and head stay dense), stored so the file "
@@ -132,7 +141,8 @@ def main(argv) -> int:
                 sensitivity_file=args.sensitivity, slice=args.slice, prune_mlp=args.prune_mlp,
                 prune_heads=args.prune_heads, drop_layers=args.drop_layers, sparsity=args.sparsity,
                 heal=args.heal, heal_tokens=args.heal_tokens, heal_device=args.heal_device,
-                vocab_size=args.vocab_size, vocab_from=args.vocab_from)
+                vocab_size=args.vocab_size, vocab_from=args.vocab_from,
+                target_size=args.target_size, plan_only=args.plan_only)
     except KeyboardInterrupt:
         kept = Path(args.output + ".heal")
         if args.heal and kept.is_dir():

@@ -72,7 +72,9 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
     awq+gptq, `keep` ["PATTERN=BITS", ...], `target_bpw` per-tensor bits from measured
     sensitivity (kept in / reused from `sensitivity_file`); structure: `slice` (SliceGPT
     fraction of the hidden size), `prune_heads`, `prune_mlp`, `drop_layers`; `eval_text` (a
-    file) measures the result against the source and stores the report.
+    file) measures the result against the source and stores the report. `target_size` ('126MB',
+    '10x') plans the bits for a file size (converter/plan.py); with `plan_only` the frontier is
+    returned and no pack is written.
     """
     recipe = recipe or Recipe.from_options(**options)
     opts = recipe.quant
@@ -98,9 +100,18 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
                           layers=list(range(r.model["n_layers"])),
                           inv_freq={k.split(".")[1]: v for k, v in r.extra.items() if k.startswith("rope.")})
     allocation = _allocate(r, s, recipe, calib_info, quiet) if opts.target_bpw is not None else None
+    planned = None
+    if opts.target_size is not None:  # --target-size / --plan-only (converter/plan.py)
+        from . import plan
+
+        planned = plan.run(r, s, recipe, calib_info, _header(r, recipe, calib_info, [], None), out,
+                           eval_src[1] if eval_src is not None else None, quiet)
+        if recipe.plan_only:
+            return planned
     steps, done = _steps(recipe, s, quiet)
     if trim is not None:
         steps.insert(0, vocab_trim.VocabTrimStep(trim))
+    done = ([planned] if planned else []) + done
     header = _header(r, recipe, calib_info, done, allocation)
     if trim is not None:
         header.update(generation=trim.generation, config=trim.config)
@@ -121,7 +132,10 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
     if not quiet:
         print(f"convert: wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s",
               file=sys.stderr)
-    return _read_header(out)
+    header = _read_header(out)
+    if planned:
+        plan.check_written(out, header, quiet)
+    return header
 
 
 def _write(target, r: Source, s, steps: list, header: dict, t0: float, amend, quiet: bool):

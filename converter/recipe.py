@@ -112,6 +112,7 @@ class Recipe:
     sensitivity_file: str | None = None
     heal: HealOptions | None = None
     vocab: VocabOptions = field(default_factory=VocabOptions)
+    plan_only: bool = False  # --plan-only: print the size/KLD frontier, write no pack
 
     @property
     def calibrated(self) -> bool:
@@ -125,7 +126,8 @@ class Recipe:
                      eval_text=None, eval_windows: int = 16, eval_ctx: int = 512, sensitivity_file=None,
                      slice=None, prune_mlp=None, prune_heads=None, drop_layers=None, sparsity=None,
                      heal: bool = False, heal_tokens: int | None = None, heal_device: str | None = None,
-                     vocab_size=None, vocab_from=None) -> "Recipe":
+                     vocab_size=None, vocab_from=None, target_size=None,
+                     plan_only: bool = False) -> "Recipe":
         """The keyword options of `convert()` / the CLI, validated (LlmpackError on the first bad one)."""
         if dtype not in DTYPES:
             raise LlmpackError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -138,26 +140,38 @@ class Recipe:
                              calib=None if calib is None else str(calib), calib_samples=calib_samples,
                              calib_seqlen=calib_seqlen, seed=seed, act_order=act_order, damp=damp,
                              sparsity=sparsity)
+        if target_size is not None or plan_only:  # --target-size / --plan-only (converter/plan.py)
+            from .plan import parse_size
+
+            if target_bpw is not None or bits is not None:
+                raise LlmpackError(f"--target-size/--plan-only choose the bits per tensor; drop "
+                                   f"{'--target-bpw' if target_bpw is not None else '--bits (or --dtype q8)'}")
+            quant.target_size = parse_size(target_size)
         quant.validate()
         structure = StructureOptions(slice, prune_mlp, prune_heads, drop_layers)
         structure.validate()
-        if structure.any and target_bpw is not None:
-            raise LlmpackError("--target-bpw measures the unpruned model; combine slicing/pruning with --bits instead")
+        if structure.any and quant.allocated:
+            raise LlmpackError("--target-bpw/--target-size measure the unpruned model; combine slicing/pruning "
+                               "with --bits instead")
         vocab = VocabOptions(vocab_size, [str(f) for f in vocab_from] if vocab_from else None)
         vocab.validate()
         if vocab.active and heal:
             raise LlmpackError("--heal trains against the untrimmed model's tokens; combine --vocab-size with --bits "
                                "(without --heal) for now")
-        if vocab.active and target_bpw is not None:
-            raise LlmpackError("--target-bpw measures the untrimmed vocabulary; combine --vocab-size with --bits "
-                               "instead")
+        if vocab.active and quant.allocated:
+            raise LlmpackError("--target-bpw/--target-size measure the untrimmed vocabulary; combine --vocab-size "
+                               "with --bits instead")
+        if heal and quant.target_size is not None:
+            raise LlmpackError("--target-size does not count healing's records yet; combine --heal with --bits or "
+                               "--target-bpw")
         if sensitivity_file is not None:
-            if target_bpw is None:
-                raise LlmpackError("--sensitivity only applies with --target-bpw; add --target-bpw X or drop it")
+            if not quant.allocated:
+                raise LlmpackError("--sensitivity only applies with --target-bpw or --target-size; add one or drop it")
             if not Path(sensitivity_file).parent.is_dir():
                 raise LlmpackError(f"--sensitivity {sensitivity_file}: no such folder {Path(sensitivity_file).parent}")
         return cls(dtype, quant, structure, eval_text, eval_windows, eval_ctx, sensitivity_file,
-                   _heal_options(heal, heal_tokens, heal_device, quant, structure, dtype, seed), vocab)
+                   _heal_options(heal, heal_tokens, heal_device, quant, structure, dtype, seed), vocab,
+                   plan_only)
 
 
 def _heal_options(heal, tokens, device, quant: QuantOptions, structure: StructureOptions, dtype: str, seed: int):

@@ -120,7 +120,8 @@ _QUIET = {"step", "calib", "calib_samples", "calib_seqlen", "seed", "act_order",
 def _step_text(r: dict) -> str:
     """One recipe step: its name and the options that say what it did (e.g. "slice (fraction 0.25,
     width 672, 41.2 s)")."""
-    opts = [f"{k} {v}" for k, v in r.items() if k not in _QUIET and v not in (None, [], {}) and k != "seconds"]
+    opts = [f"{k} {_compact(v) if isinstance(v, dict) else v}" for k, v in r.items()
+            if k not in _QUIET and v not in (None, [], {}) and k != "seconds"]
     if r.get("dropped"):
         opts.append("dropped " + ", ".join(str(d[0]) for d in r["dropped"] if isinstance(d, list) and d))
     if isinstance(r.get("seconds"), (int, float)):

@@ -26,6 +26,7 @@ class QuantOptions:
     symmetric: bool | None = None  # None: symmetric for 8 bits, zero points below
     keep: list = field(default_factory=list)  # ["PATTERN=BITS", ...]
     target_bpw: float | None = None
+    target_size: object = None  # --target-size / --plan-only: a converter.plan.SizeTarget
     calib: str | None = None
     calib_samples: int = 16
     calib_seqlen: int = 512
@@ -40,11 +41,16 @@ class QuantOptions:
 
     @property
     def quantized(self) -> bool:
-        return self.bits is not None or self.target_bpw is not None
+        return self.bits is not None or self.allocated
 
     @property
     def calibrated(self) -> bool:
-        return self.quantized and (self.method != "rtn" or self.target_bpw is not None or self.sparsity is not None)
+        return self.quantized and (self.method != "rtn" or self.allocated or self.sparsity is not None)
+
+    @property
+    def allocated(self) -> bool:
+        """Per-tensor bits chosen from measured sensitivity (--target-bpw or --target-size)."""
+        return self.target_bpw is not None or self.target_size is not None
 
     @property
     def uses_gptq(self) -> bool:
@@ -68,7 +74,7 @@ class QuantOptions:
         if self.method != "rtn" and not self.quantized:
             raise LlmpackError(f"--method {self.method} needs --bits or --target-bpw")
         self.sparse = sparsity_mod.parse(self.sparsity)
-        if self.sparse is not None and (self.bits is None or self.target_bpw is not None):
+        if self.sparse is not None and (self.bits is None or self.allocated):
             raise LlmpackError("--sparsity needs --bits 8/4/3/2 (and no --target-bpw): the kept weights are "
                                "stored quantized")
         if self.target_bpw is not None and not self.target_bpw > 0:
@@ -103,7 +109,8 @@ class QuantOptions:
         return {"bits": self.bits, "group_size": self.group_size, "method": self.method,
                 "symmetric": self.symmetric, "keep": list(self.keep), "target_bpw": self.target_bpw,
                 "calib": self.calib, "calib_samples": self.calib_samples, "calib_seqlen": self.calib_seqlen,
-                "seed": self.seed, "act_order": self.act_order, "damp": self.damp, "sparsity": self.sparsity}
+                "seed": self.seed, "act_order": self.act_order, "damp": self.damp, "sparsity": self.sparsity,
+                **({"target_size": self.target_size.text} if self.target_size is not None else {})}
 
 
 def tensor_bits(bits: int, shape, group_size: int, symmetric: bool) -> int:
@@ -133,7 +140,7 @@ def plan_types(opts: QuantOptions, shapes: dict, hf_names: dict, dtype: str) -> 
             continue
         val = opts.kept(name, hf_names.get(name))
         if val is None:
-            val = opts.bits if opts.bits is not None else (8 if opts.target_bpw is not None else dtype)
+            val = opts.bits if opts.bits is not None else (8 if opts.allocated else dtype)
         if isinstance(val, int):
             if shape[1] < opts.group_size:
                 raise LlmpackError(f"--group-size {opts.group_size} is larger than the {shape[1]} columns of "

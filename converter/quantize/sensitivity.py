@@ -276,6 +276,30 @@ def _write_cache(path, key, damages):
         raise
 
 
+def free_tensors(types: dict, opts, hf_of: dict) -> list:
+    """The tensors the allocation chooses for (those not fixed by --keep)."""
+    return _split(types, opts, hf_of)[0]
+
+
+def measured_damages(ckpt, fam, source, model_desc, shapes, free, opts, ids, quiet=False, cache=None,
+                     calib_info=None) -> tuple[dict, bool]:
+    """name -> {(bits, group): damage} for the `free` tensors, and whether it came from `cache`
+    (the --sensitivity FILE, read when it matches, else measured and written there)."""
+    key = _cache_key(ckpt, opts, calib_info) if cache is not None else None
+    damages = _read_cache(cache, key, free) if cache is not None else None
+    if damages is not None:
+        if not quiet:
+            print(f"sensitivity: reused the measurement in {cache}", file=sys.stderr)
+        return damages, True
+    damages = measure(ckpt, fam, source, shapes, free, ids, opts, model_desc, quiet=quiet)
+    if cache is not None:
+        try:
+            _write_cache(cache, key, damages)
+        except OSError as e:
+            raise LlmpackError(f"cannot write --sensitivity {cache}: {e.strerror}")
+    return damages, False
+
+
 def allocate(ckpt, fam, source, model_desc, shapes, types, hf_of, opts, ids, quiet=False,
              cache=None, calib_info=None) -> dict:
     """--target-bpw: measured damages -> per-tensor bits. Returns {"types": {...}, "summary": {...}}.
@@ -286,18 +310,8 @@ def allocate(ckpt, fam, source, model_desc, shapes, types, hf_of, opts, ids, qui
     free, fixed = _split(types, opts, hf_of)
     numel = sum(shapes[n][0] * shapes[n][1] for n in types)
     budget = opts.target_bpw * numel - _fixed_bits(fixed, types, shapes, opts)
-    key = _cache_key(ckpt, opts, calib_info) if cache is not None else None
-    damages = _read_cache(cache, key, free) if cache is not None else None
-    reused = damages is not None
-    if damages is None:
-        damages = measure(ckpt, fam, source, shapes, free, ids, opts, model_desc, quiet=quiet)
-        if cache is not None:
-            try:
-                _write_cache(cache, key, damages)
-            except OSError as e:
-                raise LlmpackError(f"cannot write --sensitivity {cache}: {e.strerror}")
-    elif not quiet:
-        print(f"sensitivity: reused the measurement in {cache}", file=sys.stderr)
+    damages, reused = measured_damages(ckpt, fam, source, model_desc, shapes, free, opts, ids, quiet, cache,
+                                       calib_info)
     costs = {n: {c: tensor_bits(c[0], shapes[n], c[1], opts.sym(c[0])) for c in damages[n]} for n in free}
     choice = solve(damages, costs, budget)
     spent = sum(costs[n][c] for n, c in choice.items()) + _fixed_bits(fixed, types, shapes, opts)
