@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from tiny_models import FAMILIES, hf_logits, make_tiny
+from tiny_models import FAMILIES, hf_logits
 
 torch = pytest.importorskip("torch")
 
@@ -28,18 +28,6 @@ from llmpack.formats import LlmpackError, Pack, quant, sparse  # noqa: E402
 from llmpack.runtime import load  # noqa: E402
 
 CALIB = dict(calib_samples=32, calib_seqlen=64)  # 2048 tokens: 512 overfit (held-out KLD rose 0.0046 -> 0.0051)
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("heal")
-    made = {}
-
-    def get(family):
-        if family not in made:
-            made[family] = (make_tiny(family, root / family), root / family)
-        return made[family]
-    return get
 
 
 def held_out(path, n=8, T=48):
@@ -66,9 +54,9 @@ def tensors(path):
 
 # -- the training executor is the runtime ------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
-def test_torch_executor_equals_the_numpy_runtime(family, ckpts, tmp_path):
+def test_torch_executor_equals_the_numpy_runtime(family, tiny_ckpts, tmp_path):
     """FileStudent (torch_block over the shared description) computes the numpy backend's logits."""
-    _, folder = ckpts(family)
+    _, folder = tiny_ckpts(family)
     out = tmp_path / "f32.llmpack"
     convert(folder, out, dtype="f32", quiet=True)
     ids = held_out(out, n=2)
@@ -126,8 +114,8 @@ def test_fake_quant_weight_is_the_runtime_weight_bit_for_bit(bits, sym, sp):
     ("llama", dict(slice=0.25, bits=4, group_size=16)),  # targets mapped into the sliced basis
     ("mistral", dict(drop_layers=1, bits=4, group_size=16)),  # the teacher runs the dropped block
 ])
-def test_healing_lowers_held_out_kld_and_each_block_error(family, options, ckpts, tmp_path):
-    model, folder = ckpts(family)
+def test_healing_lowers_held_out_kld_and_each_block_error(family, options, tiny_ckpts, tmp_path):
+    model, folder = tiny_ckpts(family)
     plain, healed = tmp_path / "plain.llmpack", tmp_path / "healed.llmpack"
     convert(folder, plain, quiet=True, **CALIB, **options)
     h = convert(folder, healed, quiet=True, heal=True, heal_tokens=8192, **CALIB, **options)
@@ -143,9 +131,9 @@ def test_healing_lowers_held_out_kld_and_each_block_error(family, options, ckpts
     assert not (tmp_path / "healed.llmpack.heal").exists()  # checkpoints go once the file is in place
 
 
-def test_the_written_file_is_the_trained_student(ckpts, tmp_path):
+def test_the_written_file_is_the_trained_student(tiny_ckpts, tmp_path):
     """Phase 2 on a q3 file: the file it writes gives the trained student's logits."""
-    model, folder = ckpts("llama")
+    model, folder = tiny_ckpts("llama")
     src = tmp_path / "q3.llmpack"
     convert(folder, src, bits=3, group_size=16, quiet=True)
     ids = np.random.default_rng(5).integers(2, 290, (4, 40))
@@ -170,8 +158,8 @@ class Killed(Exception):
     pass
 
 
-def test_a_killed_run_resumes_to_the_same_file(ckpts, tmp_path, monkeypatch):
-    _, folder = ckpts("llama")
+def test_a_killed_run_resumes_to_the_same_file(tiny_ckpts, tmp_path, monkeypatch):
+    _, folder = tiny_ckpts("llama")
     options = dict(bits=2, method="gptq", group_size=16, heal=True, heal_tokens=2048, **CALIB)
     whole = tmp_path / "whole.llmpack"
     convert(folder, whole, quiet=True, **options)
@@ -222,8 +210,8 @@ def test_a_killed_run_resumes_to_the_same_file(ckpts, tmp_path, monkeypatch):
     (["--bits", "4", "--heal-tokens", "100"], "only apply with --heal"),
     (["--bits", "4", "--heal", "--heal-device", "tpu"], "--heal-device 'tpu'"),
 ])
-def test_bad_heal_options_are_one_line_errors(args, message, ckpts, tmp_path):
-    _, folder = ckpts("llama")
+def test_bad_heal_options_are_one_line_errors(args, message, tiny_ckpts, tmp_path):
+    _, folder = tiny_ckpts("llama")
     out = tmp_path / "x.llmpack"
     r = subprocess.run([sys.executable, "-m", "llmpack", "convert", str(folder), "-o", str(out), *args],
                        capture_output=True, text=True)
@@ -240,9 +228,9 @@ def test_cuda_without_a_gpu_is_a_one_line_error():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_heals_to_the_cpu_result(ckpts, tmp_path):
+def test_cuda_heals_to_the_cpu_result(tiny_ckpts, tmp_path):
     """The same code on the GPU: the healed file is close to the CPU's (not bitwise: kernels differ)."""
-    model, folder = ckpts("llama")
+    model, folder = tiny_ckpts("llama")
     opts = dict(bits=2, method="gptq", group_size=16, heal=True, heal_tokens=2048, **CALIB)
     convert(folder, tmp_path / "cpu.llmpack", quiet=True, heal_device="cpu", **opts)
     convert(folder, tmp_path / "gpu.llmpack", quiet=True, heal_device="cuda", **opts)

@@ -25,18 +25,6 @@ IDS = [int(t) for t in np.random.default_rng(3).integers(2, 290, 30)]
 SLICEABLE = [f for f in FAMILIES if f != "gemma3_text"]
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("structure")
-    made = {}
-
-    def get(family):
-        if family not in made:
-            made[family] = (make_tiny(family, root / family), root / family)
-        return made[family]
-    return get
-
-
 def rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
@@ -52,10 +40,10 @@ def logits_both(path):
 
 
 @pytest.mark.parametrize("family", SLICEABLE)
-def test_slice_zero_is_the_original_function(family, ckpts, tmp_path):
+def test_slice_zero_is_the_original_function(family, tiny_ckpts, tmp_path):
     """--slice 0 runs the whole SliceGPT path (LayerNorm -> RMSNorm by centering, norms folded,
     a full PCA rotation of every block, shortcut matrices) and must change nothing."""
-    model, folder = ckpts(family)
+    model, folder = tiny_ckpts(family)
     out = tmp_path / "s0.llmpack"
     convert(folder, out, dtype="f32", slice=0, quiet=True, **CALIB)
     names = Pack(out).tensors
@@ -66,8 +54,8 @@ def test_slice_zero_is_the_original_function(family, ckpts, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prune_zero_is_the_original_function(family, ckpts, tmp_path):
-    model, folder = ckpts(family)
+def test_prune_zero_is_the_original_function(family, tiny_ckpts, tmp_path):
+    model, folder = tiny_ckpts(family)
     out = tmp_path / "p0.llmpack"
     convert(folder, out, dtype="f32", prune_mlp=0, prune_heads=0, quiet=True, **CALIB)
     want = hf_logits(model, IDS)
@@ -83,12 +71,12 @@ def test_prune_zero_is_the_original_function(family, ckpts, tmp_path):
     ("gemma3_text", dict(prune_heads=1, prune_mlp=0.3, drop_layers=2)),
     ("opt", dict(slice=0.5, bits=4, method="rtn")),  # width 32: whole groups in the toy model
 ])
-def test_compressed_files_agree_across_executors_and_are_smaller(family, options, ckpts, tmp_path):
+def test_compressed_files_agree_across_executors_and_are_smaller(family, options, tiny_ckpts, tmp_path):
     from test_export_onnx import BareDecoder
 
     from llmpack.runtime.cmd_export_onnx import export_onnx
 
-    _, folder = ckpts(family)
+    _, folder = tiny_ckpts(family)
     plain, small = tmp_path / "plain.llmpack", tmp_path / "small.llmpack"
     base = {"bits": options["bits"], "method": "rtn"} if "bits" in options else {"dtype": "f32"}
     convert(folder, plain, quiet=True, **base, **CALIB)
@@ -118,8 +106,8 @@ def _planted(folder, family, tmp_path, edit):
     return out
 
 
-def test_pruning_removes_planted_unimportant_neurons_and_heads(ckpts, tmp_path):
-    _, folder = ckpts("llama")
+def test_pruning_removes_planted_unimportant_neurons_and_heads(tiny_ckpts, tmp_path):
+    _, folder = tiny_ckpts("llama")
     weak_neurons = [3, 17, 40, 41, 60, 71]  # of 72
     # KV group 1 of 2 (query heads 2 and 3: o_proj columns 32..63) is made weak
 
@@ -144,8 +132,8 @@ def test_pruning_removes_planted_unimportant_neurons_and_heads(ckpts, tmp_path):
         assert np.array_equal(pack.array(f"layers.{i}.attn.k.weight"), k[:16])
 
 
-def test_layer_drop_removes_the_planted_near_identity_layer(ckpts, tmp_path):
-    _, folder = ckpts("mistral")
+def test_layer_drop_removes_the_planted_near_identity_layer(tiny_ckpts, tmp_path):
+    _, folder = tiny_ckpts("mistral")
 
     def edit(sd):  # layer 1 barely touches the residual stream
         sd["model.layers.1.self_attn.o_proj.weight"] *= 1e-4
@@ -182,8 +170,8 @@ def test_gemma3_all_sliding_layers_after_dropping(tmp_path):
     (["--prune-mlp", "-0.1"], "--prune-mlp -0.1"),
     (["--prune-heads", "1.5"], "--prune-heads 1.5"),
 ])
-def test_bad_structure_options_are_one_line_errors(args, message, ckpts, tmp_path):
-    _, folder = ckpts("llama")
+def test_bad_structure_options_are_one_line_errors(args, message, tiny_ckpts, tmp_path):
+    _, folder = tiny_ckpts("llama")
     out = tmp_path / "x.llmpack"
     r = subprocess.run([sys.executable, "-m", "llmpack", "convert", str(folder), "-o", str(out), *args],
                        capture_output=True, text=True)
@@ -192,14 +180,14 @@ def test_bad_structure_options_are_one_line_errors(args, message, ckpts, tmp_pat
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_slicing_gemma3_is_refused(ckpts, tmp_path):
-    _, folder = ckpts("gemma3_text")
+def test_slicing_gemma3_is_refused(tiny_ckpts, tmp_path):
+    _, folder = tiny_ckpts("gemma3_text")
     with pytest.raises(LlmpackError, match="sandwich norms"):
         convert(folder, tmp_path / "x.llmpack", slice=0.2, quiet=True)
 
 
-def test_recipe_is_recorded_and_shown(ckpts, tmp_path):
-    _, folder = ckpts("qwen2")
+def test_recipe_is_recorded_and_shown(tiny_ckpts, tmp_path):
+    _, folder = tiny_ckpts("qwen2")
     out = tmp_path / "r.llmpack"
     convert(folder, out, slice=0.25, prune_mlp=0.25, bits=4, method="gptq", quiet=True, **CALIB)
     recipe = Pack(out).header["recipe"]
