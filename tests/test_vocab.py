@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from test_tokenizer import bpe_folder, hf_tokenizer, runtime_tokenizer, sp_folder
 from tiny_models import make_tiny
+from refusals import assert_convert_refuses
 
 torch = pytest.importorskip("torch")
 
@@ -241,13 +242,7 @@ def test_convert_eval_of_a_trimmed_pack_is_recorded_and_shown(packs, tmp_path):
     (["--vocab-size", "280", "--bits", "4", "--heal"], "--heal trains against the untrimmed model's tokens"),
 ])
 def test_bad_vocab_options_are_one_line_errors(args, message, packs, tmp_path):
-    ckpt, _, _, _ = packs("llama")
-    out = tmp_path / "x.llmpack"
-    r = subprocess.run([sys.executable, "-m", "llmpack", "convert", str(ckpt), "-o", str(out), *args],
-                       capture_output=True, text=True)
-    assert r.returncode != 0 and message in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-    assert not out.exists() and not list(tmp_path.iterdir())
+    assert_convert_refuses(packs("llama")[0], tmp_path, args, message)
 
 
 def test_sentencepiece_only_tokenizer_is_refused():
