@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import quant, sparse
+from . import sparse
 from .errors import FormatError
 from .schema import check_header, is_int
 from .spec import (ALIGN, FORMAT_VERSION, HEADER_CRC_OFFSET, MAGIC, MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES,
@@ -91,10 +91,8 @@ class Pack:
         if kind == "bf16":
             a = p["data"] if rows is None else p["data"][rows]
             return (a.astype(np.uint32) << np.uint32(16)).view(np.float32)
-        if STORAGE_TYPES[kind].sparse:
-            return sparse.dequantize(p, kind, tuple(t["shape"]), t["group_size"], t.get("nnz"), rows)
         if STORAGE_TYPES[kind].quantized:
-            return quant.dequantize(p, tuple(t["shape"]), STORAGE_TYPES[kind].bits, t["group_size"], rows)
+            return sparse.dequantize(p, kind, tuple(t["shape"]), t["group_size"], t.get("nnz"), rows)
         raise FormatError(f"tensor {name} of type {kind} is not numeric")
 
     def close(self):

@@ -155,6 +155,9 @@ def expand(parts: dict, type_name: str, shape, group_size: int, nnz: int | None 
 
 
 def dequantize(parts: dict, type_name: str, shape, group_size: int, nnz: int | None = None, rows=None):
-    """Sparse parts -> float32 (n, K), via the dense parts (rows selected first)."""
-    dense = expand(parts, type_name, shape, group_size, nnz, rows)
-    return quant.dequantize(dense, shape, STORAGE_TYPES[type_name].bits, group_size)
+    """Parts of any quantized type (dense q{b} or sparse) -> float32 (n, K), rows selected first:
+    the one dispatch the reader and the converter's healing share."""
+    if STORAGE_TYPES[type_name].sparse:
+        parts = expand(parts, type_name, shape, group_size, nnz, rows)
+        rows = None
+    return quant.dequantize(parts, shape, STORAGE_TYPES[type_name].bits, group_size, rows)

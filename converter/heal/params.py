@@ -9,8 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from llmpack.formats import quant, sparse
-from llmpack.formats.spec import STORAGE_TYPES
+from llmpack.formats import sparse
 
 from . import fakequant
 
@@ -97,6 +96,4 @@ class Params:
 
 def dequantized(typ, shape, g, parts, nnz) -> np.ndarray:
     """The runtime's float weights of stored parts."""
-    if STORAGE_TYPES[typ].sparse:
-        return sparse.dequantize(parts, typ, shape, g, nnz)
-    return quant.dequantize(parts, shape, STORAGE_TYPES[typ].bits, g)
+    return sparse.dequantize(parts, typ, shape, g, nnz)
