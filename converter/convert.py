@@ -18,7 +18,7 @@ from llmpack.formats.errors import LlmpackError
 from llmpack.formats.writer import PackWriter
 
 from . import stream as stream_mod
-from . import checks, tokenizer_files
+from . import checks, step_quality, tokenizer_files
 from .checkpoint import Checkpoint
 from .describe import describe, family_for, load_config
 from .quantize import calib as calib_mod
@@ -122,9 +122,14 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
 
         healing = Healing(recipe.heal, out, Healing.key(header, _options_record(recipe), ids), quiet)
         steps = healing.wrap(steps)
+    probes = None
+    if evaluator is not None and trim is None:  # a trimmed vocabulary is compared file to file only
+        probes = _step_probes(source_tokenizer, eval_src, recipe, quiet)
+        steps = probes.insert(steps, done)
     if healing is None or not healing.stream_done():
         target = healing.stage1 if healing is not None else out
-        _write(target, r, s, steps, header, t0, evaluator if healing is None or not healing.e2e else None, quiet)
+        _write(target, r, s, steps, header, t0, evaluator if healing is None or not healing.e2e else None, quiet,
+               probes)
         if healing is not None:
             healing.after_stream()
     if healing is not None:
@@ -138,17 +143,21 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
     return header
 
 
-def _write(target, r: Source, s, steps: list, header: dict, t0: float, amend, quiet: bool):
-    """Stream the model through the steps into `target`; the steps' records go into the header."""
+def _write(target, r: Source, s, steps: list, header: dict, t0: float, amend, quiet: bool, probes=None):
+    """Stream the model through the steps into `target`; the steps' records go into the header
+    (with `probes`, a step_quality.StepQuality, each step's quality after it)."""
     done = header["recipe"]
     with PackWriter(target) as w:
         for name, arr in r.extra.items():
             w.add_array(name, arr, "f32")
         t1 = time.time()
         stream_mod.run(s, steps, w, quiet=quiet)
-        done += [{"step": step.name, **step.options()} for step in steps]
-        if steps:  # the stream runs its steps together: its time goes to the record of the last
+        recorded = [step for step in steps if step.recorded]
+        done += [{"step": step.name, **step.options()} for step in recorded]
+        if recorded:  # the stream runs its steps together: its time goes to the record of the last
             done[-1].setdefault("seconds", round(time.time() - t1, 2))
+        if probes is not None:
+            probes.attach(s, done)
         w.add_blob(r.tokenizer[1], r.tokenizer[2])
         header["model"]["n_layers"] = len(header["model"]["layers"])
         options = header["provenance"]["options"]
@@ -244,6 +253,17 @@ def _steps(recipe: Recipe, s, quiet: bool) -> tuple[list, list]:
     return steps, done
 
 
+def _step_probes(source_tokenizer: tuple, eval_src: tuple, recipe: Recipe, quiet: bool):
+    """Probes that measure the model after each step on the evaluation windows (step_quality.py)."""
+    from llmpack.runtime.quality import token_windows
+    from llmpack.runtime.tokenizer import Tokenizer
+
+    text, name = eval_src
+    windows = token_windows(Tokenizer(source_tokenizer[0], source_tokenizer[2]), text, recipe.eval_windows,
+                            recipe.eval_ctx)
+    return step_quality.StepQuality(windows, name, quiet)
+
+
 def _evaluator(src, recipe: Recipe, eval_src, quiet: bool, source_tokenizer: tuple):
     def amend(tmp_path):
         from llmpack.runtime.quality import evaluate_files
@@ -259,7 +279,11 @@ def _evaluator(src, recipe: Recipe, eval_src, quiet: bool, source_tokenizer: tup
         report.update(reference="source", method=opts.method if opts.quantized else None, bits=opts.bits,
                       group_size=options["group_size"], bits_per_weight=options.get("bits_per_weight"),
                       structure=recipe.structure.describe() or None)
-        return {"quality": [report]}
+        steps = _read_header(tmp_path)["recipe"]
+        if steps:  # the last step's quality is the finished file's
+            steps[-1]["quality"] = step_quality.summary(report, windows=report.get("windows"), ctx=report.get("ctx"),
+                                                        text=report.get("text"), reference="source (transformers)")
+        return {"quality": [report], "recipe": steps}
     return amend
 
 

@@ -37,14 +37,15 @@ class Stream:
     parts: dict = field(default_factory=dict)  # name -> (type, g, shape, parts, nnz) quantized by a step
     embed_rows: np.ndarray | None = None  # calibration rows of the stored embedding, if a step set them
 
-    def block(self, j: int, t: dict) -> Block:
-        """Output block j over its current tensors `t` (short names)."""
+    def block(self, j: int, t: dict, model: dict | None = None) -> Block:
+        """Output block j over its current tensors `t` (short names); `model`: a description as
+        it stood earlier in the recipe (a step may change the norm kind), else the current one."""
         prefix = f"layers.{j}."
         shapes = {prefix + k: v.shape for k, v in t.items()}
-        return describe_block(self.model, j, shapes, t["attn.q.weight"].shape[1])
+        return describe_block(model or self.model, j, shapes, t["attn.q.weight"].shape[1])
 
-    def runner(self, j: int, t: dict) -> LayerRunner:
-        return LayerRunner(self.spec, self.block(j, t), t, self.inv_freq)
+    def runner(self, j: int, t: dict, model: dict | None = None) -> LayerRunner:
+        return LayerRunner(self.spec, self.block(j, t, model), t, self.inv_freq)
 
     def kind(self, name: str):
         """The storage plan of a tensor, also for tensors a step created (a sliced model's
@@ -72,6 +73,7 @@ class Step:
     """A compression step. Each hook may edit the tensors it is given in place."""
 
     name = "step"
+    recorded = True  # False for passengers that only measure (step_quality's probes)
 
     def options(self) -> dict:
         return {}

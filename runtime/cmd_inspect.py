@@ -53,7 +53,11 @@ def main(argv) -> int:
         print(line)
     recipe = h.get("recipe") if isinstance(h.get("recipe"), list) else []
     if recipe:
-        print("recipe      " + " -> ".join(_step_text(r) for r in recipe if isinstance(r, dict)))
+        steps = [_step_text(r) for r in recipe if isinstance(r, dict)]
+        if any(isinstance(r, dict) and r.get("quality") for r in recipe):  # one step a line: each has figures
+            print("recipe      " + "\n         -> ".join(steps))
+        else:
+            print("recipe      " + " -> ".join(steps))
     gen = h.get("generation") or {}
     if gen:
         print(f"generation  {json.dumps(gen)}")
@@ -114,7 +118,8 @@ def _numel(shape):
     return n
 
 
-_QUIET = {"step", "calib", "calib_samples", "calib_seqlen", "seed", "act_order", "damp", "keep", "dropped", "per_block_error"}
+_QUIET = {"step", "calib", "calib_samples", "calib_seqlen", "seed", "act_order", "damp", "keep", "dropped", "per_block_error",
+          "quality"}
 
 
 def _step_text(r: dict) -> str:
@@ -126,7 +131,16 @@ def _step_text(r: dict) -> str:
         opts.append("dropped " + ", ".join(str(d[0]) for d in r["dropped"] if isinstance(d, list) and d))
     if isinstance(r.get("seconds"), (int, float)):
         opts.append(f"{r['seconds']:.1f} s")
-    return f"{r.get('step')} ({', '.join(opts)})" if opts else str(r.get("step"))
+    text = f"{r.get('step')} ({', '.join(opts)})" if opts else str(r.get("step"))
+    return text + (f" [then {_step_quality(r['quality'])}]" if isinstance(r.get("quality"), dict) else "")
+
+
+def _step_quality(q: dict) -> str:
+    """The quality a step's record carries (measured after that step with --eval)."""
+    try:
+        return f"KLD {q['kld']:.4f}, top-1 {100 * q['top1']:.1f} %, PPL x{q['ppl_ratio']:.3f}"
+    except (KeyError, TypeError, ValueError):
+        return _compact(q)
 
 
 def _quality_line(q: dict) -> str:
