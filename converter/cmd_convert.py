@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plan-only", action="store_true",
                    help="print the size / predicted-KLD frontier (table, and OUT with .plan.png as a plot) "
                         "and write no pack; with --sensitivity FILE a second run costs no measurement")
+    q.add_argument("--keep-vocab", action="store_true",
+                   help="--target-size/--plan-only: keep every token (by default the planner also weighs "
+                        "trimming the vocabulary, measured on calibration text)")
     q.add_argument("--sensitivity", metavar="FILE",
                    help="--target-bpw/--target-size: keep the measured per-tensor sensitivity in FILE and reuse it "
                         "when FILE matches this checkpoint, calibration and options (another target then skips "
@@ -142,7 +145,7 @@ def main(argv) -> int:
                 prune_heads=args.prune_heads, drop_layers=args.drop_layers, sparsity=args.sparsity,
                 heal=args.heal, heal_tokens=args.heal_tokens, heal_device=args.heal_device,
                 vocab_size=args.vocab_size, vocab_from=args.vocab_from,
-                target_size=args.target_size, plan_only=args.plan_only)
+                target_size=args.target_size, plan_only=args.plan_only, keep_vocab=args.keep_vocab)
     except KeyboardInterrupt:
         kept = Path(args.output + ".heal")
         if args.heal and kept.is_dir():

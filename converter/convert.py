@@ -89,7 +89,7 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
     t0 = time.time()
     r = read(src, recipe)
     source_tokenizer = r.tokenizer
-    trim = _trim_vocabulary(r, recipe) if recipe.vocab.active else None
+    trim = _trim_vocabulary(r, recipe) if recipe.vocab.active and opts.target_size is None else None
     types = plan_types(opts, r.shapes, r.hf_of, recipe.dtype) if (opts.quantized or opts.keep) else {}
     ids, calib_info = _calibration(recipe, r.tokenizer)
     if trim is not None and ids is not None:
@@ -104,10 +104,13 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
     if opts.target_size is not None:  # --target-size / --plan-only (converter/plan.py)
         from . import plan
 
-        planned = plan.run(r, s, recipe, calib_info, _header(r, recipe, calib_info, [], None), out,
-                           eval_src[1] if eval_src is not None else None, quiet)
+        planned, trim = plan.run(r, s, recipe, calib_info, _header(r, recipe, calib_info, [], None), out,
+                                 eval_src[1] if eval_src is not None else None, quiet)
         if recipe.plan_only:
             return planned
+        if trim is not None:  # the planner trimmed the vocabulary: calibrate on the trimmed tokenizer's tokens
+            r.tokenizer = (r.tokenizer[0], r.tokenizer[1], trim.blob)
+            s.ids = trim.kept[_calibration(recipe, r.tokenizer)[0]]
     steps, done = _steps(recipe, s, quiet)
     if trim is not None:
         steps.insert(0, vocab_trim.VocabTrimStep(trim))

@@ -45,7 +45,9 @@ FORMS = "bytes (126000000), kB/MB/GB (126MB), KiB/MiB/GiB (120MiB) or a ratio to
 MAX_CRC = 4294967295
 WIDEST_SECONDS = 9999999.99  # a timing field as round(seconds, 2) renders at its widest (115 days)
 WIDEST_FRACTION = -0.1234567  # a rounded ratio/bits-per-weight/KLD (round(x, 4..6)) at its widest
-QUALITY_RESERVE = 1024  # header bytes set aside for the --eval report (measured ~450 + the text name)
+# header bytes set aside for the --eval report (measured ~450, ~700 across tokenizers) and the last
+# recipe step's copy of its figures (~170), each plus the text's name
+QUALITY_RESERVE = 1536
 FRONTIER_POINTS = 12
 
 
@@ -129,6 +131,13 @@ class Plan:
     weights: int  # elements of all weight matrices (for bits/weight)
     fixed_bits: int  # storage bits of the kept matrices
     reused: bool
+    vocab: object = None  # plan_vocab.VocabChoice (None: the vocabulary is not searched)
+    shapes: dict | None = None  # tensor shapes under this vocabulary
+
+    def damage(self, choice, scale) -> float:
+        """Predicted damage in nats per byte of text: quantization's KL per token over the bytes a
+        token spans, plus the vocabulary's measured loss (plan_vocab.py)."""
+        return self.kld(choice) / scale.bytes_per_token + (self.vocab.damage if self.vocab is not None else 0.0)
 
     @property
     def smallest(self) -> int:
@@ -162,45 +171,77 @@ def histogram(choice: dict) -> dict:
     return counts
 
 
-def _header_bytes(header: dict, opts, record_bound: dict, eval_text_name: str | None) -> int:
+def _header_bytes(header: dict, opts, record_bound: dict, eval_text_name: str | None, between=()) -> int:
     """The header without its tensor directory, with every field convert.py fills in after
-    planning at its widest: the plan and quantize records (quantize's timing), bits/weight,
-    the conversion time, and the --eval report's reserve."""
+    planning at its widest: the plan and quantize records (quantize's timing; `between`: the
+    records of steps that run before it, e.g. the vocabulary trim), bits/weight, the conversion
+    time, and the --eval report's reserve."""
     h = json.loads(json.dumps(header))
-    h["recipe"] = list(h.get("recipe") or []) + [record_bound, {"step": "quantize", **opts.describe(),
-                                                                "seconds": WIDEST_SECONDS}]
+    h["recipe"] = list(h.get("recipe") or []) + [record_bound, *between,
+                                                 {"step": "quantize", **opts.describe(), "seconds": WIDEST_SECONDS}]
     h["provenance"]["seconds"] = WIDEST_SECONDS
     h["provenance"]["options"]["bits_per_weight"] = WIDEST_FRACTION
     h.update(format_version=FORMAT_VERSION, min_reader=READER_FOR_VERSION[FORMAT_VERSION], tensors=[])
-    return _json_len(h) + (QUALITY_RESERVE + _json_len(eval_text_name) if eval_text_name is not None else 0)
+    return _json_len(h) + (QUALITY_RESERVE + 2 * _json_len(eval_text_name) if eval_text_name is not None else 0)
 
 
-def record(target: SizeTarget, target_bytes, plan: Plan, choice: dict, shapes, opts) -> dict:
+def record(target: SizeTarget, target_bytes, plan: Plan, choice: dict, shapes, opts, scale=None) -> dict:
     """The recipe's "plan" step: what was asked, what the allocator chose, what it predicts."""
-    return {"step": "plan", "target_size": target.text, "target_bytes": target_bytes,
-            "planned_bytes": plan.size(choice), "predicted_kld": round(plan.kld(choice), 6),
-            "bits_per_weight": round(plan.bits_per_weight(choice, shapes, opts), 4), "types": histogram(choice),
-            "measurement": "reused" if plan.reused else "measured"}
+    rec = {"step": "plan", "target_size": target.text, "target_bytes": target_bytes,
+           "planned_bytes": plan.size(choice), "predicted_kld": round(plan.kld(choice), 6),
+           "bits_per_weight": round(plan.bits_per_weight(choice, plan.shapes or shapes, opts), 4),
+           "types": histogram(choice), "measurement": "reused" if plan.reused else "measured"}
+    if plan.vocab is not None:
+        rec["vocab"] = plan.vocab.record()
+        rec["predicted_bpb_ratio"] = round(1 + plan.damage(choice, scale) / scale.nll_per_byte, 6)
+    return rec
 
 
-def make_plan(r, s, recipe, calib_info, header: dict, quiet: bool = False, eval_text_name: str = "") -> Plan:
-    """Measure (or reuse) the damages and lay out every byte of the file but the choices'.
+def make_plans(r, s, recipe, calib_info, header: dict, quiet: bool = False,
+               eval_text_name: str = "") -> tuple[list[Plan], object]:
+    """Measure (or reuse) the damages; one Plan per vocabulary weighed (the full one first) and
+    the per-byte scale that compares them (None when the vocabulary is not searched).
 
     `r` the convert.Source, `s` the stream (its `types` is the write plan), `header` the header
     as convert.py builds it before the plan (recipe records of earlier steps included)."""
+    from . import plan_vocab
+
     opts = recipe.quant
     free = sensitivity.free_tensors(s.types, opts, r.hf_of)
     damages, reused = sensitivity.measured_damages(r.ckpt, r.fam, s.source, r.model, r.shapes, free, opts, s.ids,
                                                    quiet, recipe.sensitivity_file, calib_info)
-    tok_name, tok_blob = r.tokenizer[1], r.tokenizer[2]
+    vocabs, scale = [None], None
+    if not recipe.keep_vocab:
+        trims = plan_vocab.trims(r, recipe, recipe.vocab.check_model)
+        if trims:
+            vocabs, scale = plan_vocab.measure(r, recipe, trims, quiet, plan_vocab.cache_path(recipe.sensitivity_file))
+            if recipe.vocab.active:
+                vocabs = vocabs[1:]  # --vocab-size / --vocab-from: that vocabulary only
+    return [_lay_out(r, s, recipe, header, free, damages, reused, v, eval_text_name) for v in vocabs], scale
+
+
+def _lay_out(r, s, recipe, header: dict, free: list, damages: dict, reused: bool, vocab, eval_text_name) -> Plan:
+    """Every byte of the file but the choices', under vocabulary `vocab` (None: as the source)."""
+    from .steps.vocab_trim import VocabTrimStep
+
+    opts = recipe.quant
+    shapes, tok_name, tok_blob, between = dict(r.shapes), r.tokenizer[1], r.tokenizer[2], []
+    trim = vocab.trim if vocab is not None else None
+    if trim is not None:
+        for name in ("embed.weight", "head.weight", "head.bias"):
+            if name in shapes:
+                shapes[name] = (len(trim.kept),) + tuple(shapes[name][1:])
+        tok_blob = trim.blob
+        header = dict(header, generation=trim.generation, config=trim.config)
+        between = [{"step": "vocab", **VocabTrimStep(trim).options()}]
     # directory offsets have at most the digits of an upper bound of the data region's end
-    all_shapes = list(r.shapes.values()) + [a.shape for a in r.extra.values()]
+    all_shapes = list(shapes.values()) + [a.shape for a in r.extra.values()]
     upper = PREFIX_SIZE + align(len(tok_blob)) + sum(align(math.prod(shape) * 4) + 4 * ALIGN for shape in all_shapes)
     layout = Layout(len(str(upper)))  # every tensor at f32 is more than any plan's data region
     fixed = PREFIX_SIZE + layout.tensor(tok_name, "u8", (len(tok_blob),))
     fixed += sum(layout.tensor(n, "f32", a.shape) for n, a in r.extra.items())
     fixed_bits = 0
-    for name, shape in r.shapes.items():
+    for name, shape in shapes.items():
         if name in free:
             continue
         if name in s.types:
@@ -210,43 +251,63 @@ def make_plan(r, s, recipe, calib_info, header: dict, quiet: bool = False, eval_
                            else math.prod(shape) * {"f32": 32, "f16": 16, "bf16": 16}[kind])
         else:
             fixed += layout.tensor(name, _float_type(name, shape, s.float_dtype), shape)
-    costs = _costs(layout, free, r.shapes, opts)
-    weights = sum(math.prod(r.shapes[n]) for n in s.types)
-    plan = Plan(0, costs, damages, weights, fixed_bits, reused)
+    costs = _costs(layout, free, shapes, opts)
+    weights = sum(math.prod(shapes[n]) for n in s.types)
+    plan = Plan(0, costs, damages, weights, fixed_bits, reused, vocab, shapes)
     bound = {"step": "plan", "target_size": opts.target_size.text or "", "target_bytes": upper,
              "planned_bytes": upper, "predicted_kld": WIDEST_FRACTION, "bits_per_weight": WIDEST_FRACTION,
              "types": {f"q{b}g{g}": len(free) for b, g in {c for d in costs.values() for c in d}},
              "measurement": "measured"}
-    plan.fixed = fixed + _header_bytes(header, opts, bound, eval_text_name if recipe.eval_text is not None else None)
+    if vocab is not None:
+        bound.update(vocab={"size": upper, "damage_nats_per_byte": WIDEST_FRACTION},
+                     predicted_bpb_ratio=WIDEST_FRACTION)
+    plan.fixed = fixed + _header_bytes(header, opts, bound, eval_text_name if recipe.eval_text is not None else None,
+                                       between)
     return plan
 
 
-def choose(plan: Plan, target: SizeTarget, target_bytes: int, quiet: bool = False) -> dict:
-    """The least-damage choice that fits `target_bytes`; one-line error below the smallest file."""
-    if target_bytes < plan.smallest:
+def _score(plan: Plan, choice: dict, scale) -> float:
+    return plan.damage(choice, scale) if scale is not None else plan.kld(choice)
+
+
+def choose(plans: list, scale, target: SizeTarget, target_bytes: int, quiet: bool = False) -> tuple[Plan, dict]:
+    """The plan (vocabulary) and choice of least predicted damage that fit `target_bytes`; a
+    one-line error below the smallest reachable file."""
+    reachable = [p for p in plans if target_bytes >= p.smallest]
+    if not reachable:
+        low = min(plans, key=lambda p: p.smallest)
+        how = "every matrix at 2 bits, largest groups" + (
+            f", the vocabulary trimmed to {low.vocab.size:,} tokens" if low.vocab is not None and low.vocab.size else "")
         raise LlmpackError(f"--target-size {target.text} ({target_bytes:,} bytes) is below the smallest reachable "
-                           f"file, {plan.smallest:,} bytes ({_mb(plan.smallest)}: every matrix at 2 bits, largest "
-                           f"groups); raise the target")
-    if target_bytes >= plan.largest and not quiet:
+                           f"file, {low.smallest:,} bytes ({_mb(low.smallest)}: {how}); raise the target")
+    best = None
+    for p in reachable:
+        choice = p.solve(target_bytes)
+        if best is None or _score(p, choice, scale) < _score(best[0], best[1], scale):
+            best = (p, choice)
+    if target_bytes >= best[0].largest and not quiet:
         print(f"plan: --target-size {target.text} ({target_bytes:,} bytes) is at or above the largest useful file "
-              f"({plan.largest:,} bytes, every matrix at its least-damage option); writing that", file=sys.stderr)
-    return plan.solve(target_bytes)
+              f"({best[0].largest:,} bytes, every matrix at its least-damage option); writing that", file=sys.stderr)
+    return best
 
 
-def frontier(plan: Plan, shapes, opts, points: int = FRONTIER_POINTS) -> list[dict]:
-    """Size against predicted KLD from the smallest reachable file to the largest useful one,
-    geometrically spaced; each point the best choice that fits (a smaller point's choice when
-    it predicts less damage: the allocation is a heuristic, the frontier must not rise)."""
-    lo, hi = plan.smallest, plan.largest
+def frontier(plans: list, scale, opts, points: int = FRONTIER_POINTS) -> list[dict]:
+    """Size against predicted damage from the smallest reachable file to the largest useful one,
+    geometrically spaced; each point the best vocabulary and choice that fit (a smaller point's
+    when it predicts less damage: the allocation is a heuristic, the frontier must not rise)."""
+    lo, hi = min(p.smallest for p in plans), max(p.largest for p in plans)
     sizes = sorted({int(round(x)) for x in np.geomspace(lo, max(hi, lo + 1), points)})
     rows, best = [], None
     for nbytes in sizes:
-        choice = plan.solve(nbytes)
-        if best is not None and plan.kld(best) <= plan.kld(choice):
-            choice = best
-        best = choice
-        rows.append({"target_bytes": nbytes, "planned_bytes": plan.size(choice), "predicted_kld": plan.kld(choice),
-                     "bits_per_weight": plan.bits_per_weight(choice, shapes, opts), "types": histogram(choice)})
+        plan, choice = choose(plans, scale, SizeTarget(str(nbytes), nbytes), nbytes, quiet=True)
+        if best is not None and _score(*best, scale) <= _score(plan, choice, scale):
+            plan, choice = best
+        best = (plan, choice)
+        row = {"target_bytes": nbytes, "planned_bytes": plan.size(choice), "predicted_kld": plan.kld(choice),
+               "bits_per_weight": plan.bits_per_weight(choice, plan.shapes, opts), "types": histogram(choice)}
+        if scale is not None:
+            row.update(vocab=plan.vocab.size, predicted_bpb_ratio=1 + plan.damage(choice, scale) / scale.nll_per_byte)
+        rows.append(row)
     return rows
 
 
@@ -255,14 +316,19 @@ def _mb(n: int) -> str:
 
 
 def print_frontier(rows: list[dict], bf16_bytes: int, file=None):
-    """One row per size: target and planned bytes, MB, ratio to bf16, bits/weight, predicted KLD, types."""
+    """One row per size: target and planned bytes, MB, ratio to bf16, bits/weight, predicted KLD
+    (and, when the vocabulary is searched, its size and the predicted bits-per-byte ratio), types."""
     file = file or sys.stdout
-    print(f"{'target bytes':>14} {'planned bytes':>14} {'MB':>9} {'x bf16':>7} {'bits/w':>7} {'pred. KLD':>10}  types",
-          file=file)
+    vocab = any("vocab" in r for r in rows)
+    print(f"{'target bytes':>14} {'planned bytes':>14} {'MB':>9} {'x bf16':>7} {'bits/w':>7} {'pred. KLD':>10}"
+          + (f" {'vocab':>7} {'pred. bpb':>9}" if vocab else "") + "  types", file=file)
     for r in rows:
+        extra = ""
+        if vocab:
+            extra = f" {'full' if r['vocab'] is None else r['vocab']:>7} {r['predicted_bpb_ratio']:>8.4f}x"
         print(f"{r['target_bytes']:>14,d} {r['planned_bytes']:>14,d} {r['planned_bytes'] / 1e6:>9.3f} "
-              f"{bf16_bytes / r['planned_bytes']:>6.2f}x {r['bits_per_weight']:>7.3f} {r['predicted_kld']:>10.4g}  "
-              + " ".join(f"{k}:{v}" for k, v in r["types"].items()), file=file)
+              f"{bf16_bytes / r['planned_bytes']:>6.2f}x {r['bits_per_weight']:>7.3f} {r['predicted_kld']:>10.4g}"
+              + extra + "  " + " ".join(f"{k}:{v}" for k, v in r["types"].items()), file=file)
 
 
 def write_png(rows: list[dict], path, title: str) -> str | None:
@@ -287,16 +353,16 @@ def write_png(rows: list[dict], path, title: str) -> str | None:
     return str(path)
 
 
-def plan_only(plan: Plan, r, recipe, out, target_bytes, quiet: bool = False) -> dict:
+def plan_only(plans: list, scale, r, recipe, out, target_bytes, quiet: bool = False) -> dict:
     """--plan-only: the frontier table on stdout and a PNG next to OUT; no pack."""
     bf16 = source_bf16_bytes(r.ckpt)
-    rows = frontier(plan, r.shapes, recipe.quant)
+    rows = frontier(plans, scale, recipe.quant)
     print_frontier(rows, bf16)
-    result = {"frontier": rows, "smallest_bytes": plan.smallest, "largest_bytes": plan.largest,
-              "source_bf16_bytes": bf16, "png": None}
+    result = {"frontier": rows, "smallest_bytes": min(p.smallest for p in plans),
+              "largest_bytes": max(p.largest for p in plans), "source_bf16_bytes": bf16, "png": None}
     if target_bytes is not None:
-        choice = choose(plan, recipe.quant.target_size, target_bytes, quiet=quiet)
-        result["plan"] = record(recipe.quant.target_size, target_bytes, plan, choice, r.shapes, recipe.quant)
+        plan, choice = choose(plans, scale, recipe.quant.target_size, target_bytes, quiet=quiet)
+        result["plan"] = record(recipe.quant.target_size, target_bytes, plan, choice, r.shapes, recipe.quant, scale)
         print(f"plan for --target-size {recipe.quant.target_size.text}: {result['plan']['planned_bytes']:,} bytes, "
               f"predicted KLD {result['plan']['predicted_kld']:.5f}, " + " ".join(
                   f"{k}:{v}" for k, v in result["plan"]["types"].items()))
@@ -308,24 +374,28 @@ def plan_only(plan: Plan, r, recipe, out, target_bytes, quiet: bool = False) -> 
     return result
 
 
-def run(r, s, recipe, calib_info, header: dict, out, eval_text_name, quiet: bool = False) -> dict:
+def run(r, s, recipe, calib_info, header: dict, out, eval_text_name, quiet: bool = False) -> tuple[dict, object]:
     """convert.py's planning step: with --plan-only the frontier (returned; no pack), else the
-    choice for --target-size written into the stream's plan (`s.types`) and its recipe record."""
+    choice for --target-size written into the stream's plan (`s.types`), its recipe record, and
+    the vocabulary trim it chose (tokenizer_trim.TrimPlan, or None for the full vocabulary)."""
     target = recipe.quant.target_size
     if recipe.plan_only and not Path(out).parent.is_dir():  # before the measurement, not after
         raise LlmpackError(f"output folder {Path(out).parent} does not exist (the plot goes there); create it first")
-    plan = make_plan(r, s, recipe, calib_info, header, quiet, eval_text_name)
+    plans, scale = make_plans(r, s, recipe, calib_info, header, quiet, eval_text_name)
     target_bytes = target.resolve(source_bf16_bytes(r.ckpt)) if target.text is not None else None
     if recipe.plan_only:
-        return plan_only(plan, r, recipe, out, target_bytes, quiet)
-    choice = choose(plan, target, target_bytes, quiet)
+        return plan_only(plans, scale, r, recipe, out, target_bytes, quiet), None
+    plan, choice = choose(plans, scale, target, target_bytes, quiet)
     s.types.update(choice)
-    rec = record(target, target_bytes, plan, choice, r.shapes, recipe.quant)
+    rec = record(target, target_bytes, plan, choice, r.shapes, recipe.quant, scale)
     if not quiet:
+        vocab = "" if plan.vocab is None else (
+            f"vocabulary {'full' if plan.vocab.size is None else f'{plan.vocab.size:,} tokens'}, predicted "
+            f"bits/byte ratio {rec['predicted_bpb_ratio']:.4f}; ")
         print(f"plan: {target.text} = {target_bytes:,} bytes; planned {rec['planned_bytes']:,} bytes, "
-              f"{rec['bits_per_weight']:.3f} bits/weight, predicted KLD {rec['predicted_kld']:.5f}; "
+              f"{rec['bits_per_weight']:.3f} bits/weight, predicted KLD {rec['predicted_kld']:.5f}; {vocab}"
               + " ".join(f"{k}:{v}" for k, v in rec["types"].items()), file=sys.stderr)
-    return rec
+    return rec, plan.vocab.trim if plan.vocab is not None else None
 
 
 def check_written(out, header: dict, quiet: bool = False):
@@ -344,6 +414,9 @@ def check_written(out, header: dict, quiet: bool = False):
     print(f"plan: wrote {size:,} bytes = {100 * size / rec['target_bytes']:.2f} % of the target "
           f"({rec['target_bytes']:,} bytes; planned upper bound {rec['planned_bytes']:,})", file=sys.stderr)
     for q in header.get("quality") or []:
+        if isinstance(q.get("bpb_ratio"), (int, float)) and rec.get("predicted_bpb_ratio"):
+            print(f"plan: predicted bits/byte ratio {rec['predicted_bpb_ratio']:.4f}, measured {q['bpb_ratio']:.4f}",
+                  file=sys.stderr)
         if isinstance(q.get("kld"), (int, float)) and rec["predicted_kld"] > 0:
             print(f"plan: predicted KLD {rec['predicted_kld']:.5f}, measured {q['kld']:.5f} "
                   f"(measured/predicted {q['kld'] / rec['predicted_kld']:.2f})", file=sys.stderr)

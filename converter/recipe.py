@@ -113,6 +113,7 @@ class Recipe:
     heal: HealOptions | None = None
     vocab: VocabOptions = field(default_factory=VocabOptions)
     plan_only: bool = False  # --plan-only: print the size/KLD frontier, write no pack
+    keep_vocab: bool = False  # --keep-vocab: the planner does not weigh trimming the vocabulary
 
     @property
     def calibrated(self) -> bool:
@@ -127,7 +128,7 @@ class Recipe:
                      slice=None, prune_mlp=None, prune_heads=None, drop_layers=None, sparsity=None,
                      heal: bool = False, heal_tokens: int | None = None, heal_device: str | None = None,
                      vocab_size=None, vocab_from=None, target_size=None,
-                     plan_only: bool = False) -> "Recipe":
+                     plan_only: bool = False, keep_vocab: bool = False) -> "Recipe":
         """The keyword options of `convert()` / the CLI, validated (LlmpackError on the first bad one)."""
         if dtype not in DTYPES:
             raise LlmpackError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -158,9 +159,12 @@ class Recipe:
         if vocab.active and heal:
             raise LlmpackError("--heal trains against the untrimmed model's tokens; combine --vocab-size with --bits "
                                "(without --heal) for now")
-        if vocab.active and quant.allocated:
-            raise LlmpackError("--target-bpw/--target-size measure the untrimmed vocabulary; combine --vocab-size "
-                               "with --bits instead")
+        if vocab.active and quant.target_bpw is not None:
+            raise LlmpackError("--target-bpw measures the untrimmed vocabulary; combine --vocab-size with --bits or "
+                               "--target-size instead")
+        if keep_vocab and (quant.target_size is None or vocab.active):
+            raise LlmpackError("--keep-vocab tells --target-size/--plan-only not to trim the vocabulary; use it "
+                               "with one of them and without --vocab-size/--vocab-from")
         if heal and quant.target_size is not None:
             raise LlmpackError("--target-size does not count healing's records yet; combine --heal with --bits or "
                                "--target-bpw")
@@ -171,7 +175,7 @@ class Recipe:
                 raise LlmpackError(f"--sensitivity {sensitivity_file}: no such folder {Path(sensitivity_file).parent}")
         return cls(dtype, quant, structure, eval_text, eval_windows, eval_ctx, sensitivity_file,
                    _heal_options(heal, heal_tokens, heal_device, quant, structure, dtype, seed), vocab,
-                   plan_only)
+                   plan_only, keep_vocab)
 
 
 def _heal_options(heal, tokens, device, quant: QuantOptions, structure: StructureOptions, dtype: str, seed: int):

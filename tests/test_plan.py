@@ -12,7 +12,7 @@ from tiny_models import make_tiny
 from llmpack.converter import convert
 from llmpack.converter import plan as plan_mod
 from llmpack.converter.quantize import calib as calib_mod
-from llmpack.formats import Pack
+from llmpack.formats import LlmpackError, Pack
 from llmpack.runtime import load
 
 CALIB = dict(calib_samples=4, calib_seqlen=64)
@@ -108,12 +108,13 @@ def test_plan_only_frontier_table_and_png_no_pack(setup, tmp_path, capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     targets = [int(r[0].replace(",", "")) for r in rows]
     planned = [int(r[1].replace(",", "")) for r in rows]
-    klds = [float(r[5]) for r in rows]
+    # the damage the frontier minimizes: the predicted bits/byte ratio when the vocabulary is weighed
+    damage = [float(r[7].rstrip("x")) if len(r) > 7 and r[7].endswith("x") else float(r[5]) for r in rows]
     assert len(rows) >= 8
     assert all(a < b for a, b in zip(targets, targets[1:]))
     assert all(p <= t for p, t in zip(planned, targets))
-    assert all(b <= a for a, b in zip(klds, klds[1:]))
-    assert klds[0] > klds[-1]
+    assert all(b <= a for a, b in zip(damage, damage[1:]))
+    assert damage[0] > damage[-1]
 
 
 def test_inspect_shows_the_plan(setup, tmp_path, capsys):
@@ -200,3 +201,51 @@ def test_plan_only_into_a_missing_folder_fails_before_measuring(setup, tmp_path,
     err = capsys.readouterr().err
     assert code != 0 and "does not exist" in err and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def full_vocab_smallest(setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("keep") / "f.llmpack"
+    return convert(setup["ckpt"], out, plan_only=True, keep_vocab=True, **_kw(setup))["smallest_bytes"]
+
+
+def test_planner_trims_the_vocabulary_to_reach_a_target(setup, full_vocab_smallest, tmp_path):
+    """A target below every full-vocabulary file is reached by trimming: the file is at or under
+    it, records the chosen vocabulary, holds that many rows, and reads text."""
+    assert setup["frontier"]["smallest_bytes"] < full_vocab_smallest
+    target = (setup["frontier"]["smallest_bytes"] + full_vocab_smallest) // 2
+    out = tmp_path / "v.llmpack"
+    h = convert(setup["ckpt"], out, target_size=str(target), **_kw(setup))
+    rec = _plan_record(h)
+    n = rec["vocab"]["size"]
+    assert out.stat().st_size <= target and n is not None
+    assert [r["step"] for r in h["recipe"]] == ["plan", "vocab", "quantize"]
+    assert next(t for t in h["tensors"] if t["name"] == "embed.weight")["shape"][0] == n
+    assert rec["vocab"]["damage_nats_per_byte"] >= 0 and rec["predicted_bpb_ratio"] >= 1
+    m = load(out, backend="numpy")
+    ids = m.tokenizer.encode("def main():\n    return 0\n")
+    assert max(ids) < n and m.logits(ids).shape == (len(ids), n)
+
+
+def test_keep_vocab_and_vocab_size_pin_the_vocabulary(setup, full_vocab_smallest, tmp_path):
+    target = (setup["frontier"]["smallest_bytes"] + full_vocab_smallest) // 2
+    with pytest.raises(LlmpackError, match="smallest reachable file") as e:
+        convert(setup["ckpt"], tmp_path / "k.llmpack", target_size=str(target), keep_vocab=True, **_kw(setup))
+    named = int(re.search(r"file, ([0-9,]+) bytes", str(e.value)).group(1).replace(",", ""))
+    assert abs(named - full_vocab_smallest) < 64  # the header holds the target's text: a few bytes apart
+    assert not (tmp_path / "k.llmpack").exists()
+    out = tmp_path / "n.llmpack"
+    h = convert(setup["ckpt"], out, target_size=str(full_vocab_smallest + 4000), vocab_size=280, **_kw(setup))
+    assert _plan_record(h)["vocab"]["size"] == 280 and out.stat().st_size <= full_vocab_smallest + 4000
+    assert next(t for t in h["tensors"] if t["name"] == "embed.weight")["shape"][0] == 280
+
+
+def test_vocabulary_damage_is_measured_on_text_the_tokens_were_not_counted_on(setup):
+    from llmpack.converter import plan_vocab
+    from llmpack.converter.recipe import Recipe
+
+    recipe = Recipe.from_options(target_size="1MB", calib=setup["calib"])
+    measured, counted, corpus = plan_vocab._split(recipe)  # the corpus: the shipped text, the calibration a prefix
+    assert len(measured) > 1000 and setup["calib"].read_text().endswith(measured)
+    assert len(counted) == 1 and measured not in counted[0] and "without the text" in corpus
+    assert len(counted[0]) == len(calib_mod.default_text()) - len(measured)

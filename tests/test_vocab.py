@@ -238,7 +238,9 @@ def test_convert_eval_of_a_trimmed_pack_is_recorded_and_shown(packs, tmp_path):
     (["--vocab-size", "100"], "the smallest allowed --vocab-size is 258"),
     (["--vocab-size", "300"], "--vocab-size 300: the model has 300 tokens"),
     (["--vocab-from", "/nonexistent.txt"], "--vocab-from /nonexistent.txt: no such file"),
-    (["--vocab-size", "280", "--target-bpw", "4"], "--target-bpw/--target-size measure the untrimmed vocabulary"),
+    (["--vocab-size", "280", "--target-bpw", "4"], "--target-bpw measures the untrimmed vocabulary"),
+    (["--vocab-size", "280", "--target-size", "1MB", "--keep-vocab"], "--keep-vocab tells --target-size"),
+    (["--keep-vocab", "--bits", "4"], "--keep-vocab tells --target-size/--plan-only not to trim"),
     (["--vocab-size", "280", "--bits", "4", "--heal"], "--heal trains against the untrimmed model's tokens"),
 ])
 def test_bad_vocab_options_are_one_line_errors(args, message, packs, tmp_path):

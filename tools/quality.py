@@ -321,7 +321,21 @@ def table(rows) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def plot(rows, path):
+STRUCTURAL = ("slice", "mlp", "drop", "-s24", "-s50")  # configuration names of structural steps (issue 8)
+
+
+def _category(r) -> str:
+    if r["tool"] != "llmpack":
+        return r["tool"]
+    name = r["name"]
+    if "heal" in name:
+        return "llmpack healed"
+    if any(k in name for k in STRUCTURAL):
+        return "llmpack structure" + (" + q4" if "q4" in name else " (f16)")
+    return "llmpack quantization"
+
+
+def plot(rows, path, title="Qwen2.5-Coder-0.5B-Instruct (off-grid)"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -329,11 +343,12 @@ def plot(rows, path):
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     # markers only: a line between measured points would suggest sizes nobody measured
-    for tool, style in (("llmpack", "o"), ("llama.cpp", "s"), ("onnxruntime-genai", "^")):
-        pts = sorted((r["file_bytes"] / 1e6, r["kld"], r["name"]) for r in rows if r["tool"] == tool)
+    for cat, style in (("llmpack quantization", "o"), ("llmpack structure + q4", "v"), ("llmpack structure (f16)", "<"),
+                       ("llmpack healed", "*"), ("llama.cpp", "s"), ("onnxruntime-genai", "^")):
+        pts = sorted((r["file_bytes"] / 1e6, r["kld"], r["name"]) for r in rows if _category(r) == cat)
         if not pts:
             continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=tool)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=cat)
         for x, y, n in pts:
             ax.annotate(n.split(" ", 1)[1], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel("file size (MB)")
@@ -341,7 +356,7 @@ def plot(rows, path):
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    ax.set_title("Qwen2.5-Coder-0.5B-Instruct (off-grid): quality vs size")
+    ax.set_title(f"{title}: quality vs size")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -360,6 +375,7 @@ def main(argv=None):
     p.add_argument("--genai", action="append", default=[], metavar="DIR",
                    help="also score an onnxruntime-genai model folder built from the same checkpoint "
                         "(python -m onnxruntime_genai.models.builder -i MODEL -o DIR -p int4 -e cpu)")
+    p.add_argument("--title", default="Qwen2.5-Coder-0.5B-Instruct (off-grid)", help="the plot's model name")
     p.add_argument("--calib-samples", type=int, default=8, help="calibration windows of 512 tokens (both tools)")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -390,7 +406,7 @@ def main(argv=None):
         results_path.write_text(json.dumps(rows, indent=1))
         (out / "quality.md").write_text(table(rows))
         try:
-            plot(rows, out / "quality.png")
+            plot(rows, out / "quality.png", args.title)
         except ImportError:
             print("matplotlib not installed: no plot", file=sys.stderr)
 
