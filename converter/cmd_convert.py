@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--vocab-size", type=_int, metavar="N", help="keep the N tokens a corpus uses most (special "
                    "tokens, the byte alphabet and what kept tokens are merged from always stay: any text still "
                    "encodes)")
+    v.add_argument("--tie-head", action="store_true", help="store an untied head as the embedding times a fitted "
+                   "d x d map (least squares): one matrix fewer; for heads that equal the embedding up to a linear "
+                   "map (GGUF-derived checkpoints of tied models); --target-size weighs it by itself")
     v.add_argument("--vocab-from", nargs="+", metavar="FILE", help="the corpus to count tokens on (default: the "
                    "shipped calibration text, English prose and Python code); alone: keep every token it uses")
     c = p.add_argument_group("calibration (gptq, awq, --target-bpw, --sparsity, structure)")
@@ -145,7 +148,7 @@ def main(argv) -> int:
                 prune_heads=args.prune_heads, drop_layers=args.drop_layers, sparsity=args.sparsity,
                 heal=args.heal, heal_tokens=args.heal_tokens, heal_device=args.heal_device,
                 vocab_size=args.vocab_size, vocab_from=args.vocab_from,
-                target_size=args.target_size, plan_only=args.plan_only, keep_vocab=args.keep_vocab)
+                target_size=args.target_size, plan_only=args.plan_only, keep_vocab=args.keep_vocab, tie_head=args.tie_head)
     except KeyboardInterrupt:
         kept = Path(args.output + ".heal")
         if args.heal and kept.is_dir():

@@ -26,7 +26,7 @@ from .quantize.options import plan_types
 from .quantize.step import QuantizeStep
 from .recipe import DTYPES, Recipe  # noqa: F401  (DTYPES: the CLI's and tests' list)
 from .source import TensorSource, canonical_shapes, order_key, plan_names
-from .steps import layer_drop, pruning, slicing, vocab_trim
+from .steps import layer_drop, pruning, slicing, tie_head, vocab_trim
 
 
 @dataclass
@@ -61,6 +61,8 @@ def read(src, recipe: Recipe) -> Source:
     shapes, hf_of = canonical_shapes(ckpt, plan)
     checks.check_shapes(model, shapes, hf_of)
     recipe.structure.check_model(model, shapes, mt)
+    if recipe.tie_head:
+        tie_head.check_model(model, shapes)
     return Source(ckpt, mt, fam, model, extra, plan, shapes, hf_of, tok)
 
 
@@ -104,8 +106,8 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
     if opts.target_size is not None:  # --target-size / --plan-only (converter/plan.py)
         from . import plan
 
-        planned, trim = plan.run(r, s, recipe, calib_info, _header(r, recipe, calib_info, [], None), out,
-                                 eval_src[1] if eval_src is not None else None, quiet)
+        planned, trim, recipe.tie_head = plan.run(r, s, recipe, calib_info, _header(r, recipe, calib_info, [], None),
+                                                  out, eval_src[1] if eval_src is not None else None, quiet)
         if recipe.plan_only:
             return planned
         if trim is not None:  # the planner trimmed the vocabulary: calibrate on the trimmed tokenizer's tokens
@@ -249,6 +251,8 @@ def _steps(recipe: Recipe, s, quiet: bool) -> tuple[list, list]:
         steps.append(slicing.SliceStep(st.slice))
     if st.prune_heads is not None or st.prune_mlp is not None:
         steps.append(pruning.PruneStep(heads=st.prune_heads or 0, mlp=st.prune_mlp or 0))
+    if recipe.tie_head:
+        steps.append(tie_head.TieHeadStep())
     if recipe.quant.calibrated or (recipe.quant.quantized and recipe.heal is not None):
         steps.append(QuantizeStep(recipe.quant))  # healing trains on the quantized parts this step makes
     elif recipe.quant.quantized:

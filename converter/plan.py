@@ -133,11 +133,13 @@ class Plan:
     reused: bool
     vocab: object = None  # plan_vocab.VocabChoice (None: the vocabulary is not searched)
     shapes: dict | None = None  # tensor shapes under this vocabulary
+    tie_damage: float | None = None  # the head tied to the embedding (nats per byte); None: untied
 
     def damage(self, choice, scale) -> float:
         """Predicted damage in nats per byte of text: quantization's KL per token over the bytes a
-        token spans, plus the vocabulary's measured loss (plan_vocab.py)."""
-        return self.kld(choice) / scale.bytes_per_token + (self.vocab.damage if self.vocab is not None else 0.0)
+        token spans, plus the vocabulary's and the tying's measured losses (plan_vocab.py)."""
+        return (self.kld(choice) / scale.bytes_per_token + (self.vocab.damage if self.vocab is not None else 0.0)
+                + (self.tie_damage or 0.0))
 
     @property
     def smallest(self) -> int:
@@ -193,7 +195,10 @@ def record(target: SizeTarget, target_bytes, plan: Plan, choice: dict, shapes, o
            "types": histogram(choice), "measurement": "reused" if plan.reused else "measured"}
     if plan.vocab is not None:
         rec["vocab"] = plan.vocab.record()
+    if scale is not None:
         rec["predicted_bpb_ratio"] = round(1 + plan.damage(choice, scale) / scale.nll_per_byte, 6)
+    rec["tie_head"] = ({"damage_nats_per_byte": round(plan.tie_damage, 6)} if plan.tie_damage is not None
+                       else False)
     return rec
 
 
@@ -205,23 +210,29 @@ def make_plans(r, s, recipe, calib_info, header: dict, quiet: bool = False,
     `r` the convert.Source, `s` the stream (its `types` is the write plan), `header` the header
     as convert.py builds it before the plan (recipe records of earlier steps included)."""
     from . import plan_vocab
+    from .steps import tie_head
 
     opts = recipe.quant
     free = sensitivity.free_tensors(s.types, opts, r.hf_of)
     damages, reused = sensitivity.measured_damages(r.ckpt, r.fam, s.source, r.model, r.shapes, free, opts, s.ids,
                                                    quiet, recipe.sensitivity_file, calib_info)
-    vocabs, scale = [None], None
-    if not recipe.keep_vocab:
-        trims = plan_vocab.trims(r, recipe, recipe.vocab.check_model)
-        if trims:
-            vocabs, scale = plan_vocab.measure(r, recipe, trims, quiet, plan_vocab.cache_path(recipe.sensitivity_file))
-            if recipe.vocab.active:
-                vocabs = vocabs[1:]  # --vocab-size / --vocab-from: that vocabulary only
-    return [_lay_out(r, s, recipe, header, free, damages, reused, v, eval_text_name) for v in vocabs], scale
+    trims = [] if recipe.keep_vocab else plan_vocab.trims(r, recipe, recipe.vocab.check_model)
+    tie_ok = tie_head.applicable(r.model, r.shapes) and {"embed.weight", "head.weight"} <= set(free)
+    vocabs, scale, tie_damage = [None], None, 0.0
+    if trims or tie_ok:
+        m = plan_vocab.measure(r, recipe, trims, tie_ok, quiet, plan_vocab.cache_path(recipe.sensitivity_file))
+        vocabs, scale, tie_damage = m.vocabs, m.scale, m.tie_damage or 0.0
+        if recipe.vocab.active:
+            vocabs = vocabs[1:]  # --vocab-size / --vocab-from: that vocabulary only
+    ties = [True] if recipe.tie_head else [False, True] if tie_ok else [False]
+    return [_lay_out(r, s, recipe, header, free, damages, reused, v, tie_damage if tie else None, eval_text_name)
+            for v in vocabs for tie in ties], scale
 
 
-def _lay_out(r, s, recipe, header: dict, free: list, damages: dict, reused: bool, vocab, eval_text_name) -> Plan:
-    """Every byte of the file but the choices', under vocabulary `vocab` (None: as the source)."""
+def _lay_out(r, s, recipe, header: dict, free: list, damages: dict, reused: bool, vocab, tie_damage,
+             eval_text_name) -> Plan:
+    """Every byte of the file but the choices', under vocabulary `vocab` (None: as the source),
+    with the head tied to the embedding when `tie_damage` is not None (its damage per byte)."""
     from .steps.vocab_trim import VocabTrimStep
 
     opts = recipe.quant
@@ -234,6 +245,16 @@ def _lay_out(r, s, recipe, header: dict, free: list, damages: dict, reused: bool
         tok_blob = trim.blob
         header = dict(header, generation=trim.generation, config=trim.config)
         between = [{"step": "vocab", **VocabTrimStep(trim).options()}]
+    if tie_damage is not None:  # one matrix serves both ends: its damage is both roles' (steps/tie_head.py)
+        D = shapes["embed.weight"][1]
+        del shapes["head.weight"]
+        shapes["head_proj.weight"] = (D, D)
+        free = [n for n in free if n != "head.weight"]
+        head_damages = damages["head.weight"]
+        damages = {n: d for n, d in damages.items() if n != "head.weight"}
+        damages["embed.weight"] = {c: v + head_damages.get(c, v) for c, v in damages["embed.weight"].items()}
+        header = dict(header, model=dict(header["model"], tied_head=True))
+        between.append({"step": "tie_head", "residual": WIDEST_FRACTION})
     # directory offsets have at most the digits of an upper bound of the data region's end
     all_shapes = list(shapes.values()) + [a.shape for a in r.extra.values()]
     upper = PREFIX_SIZE + align(len(tok_blob)) + sum(align(math.prod(shape) * 4) + 4 * ALIGN for shape in all_shapes)
@@ -252,15 +273,16 @@ def _lay_out(r, s, recipe, header: dict, free: list, damages: dict, reused: bool
         else:
             fixed += layout.tensor(name, _float_type(name, shape, s.float_dtype), shape)
     costs = _costs(layout, free, shapes, opts)
-    weights = sum(math.prod(shapes[n]) for n in s.types)
-    plan = Plan(0, costs, damages, weights, fixed_bits, reused, vocab, shapes)
+    weights = sum(math.prod(shapes[n]) for n in s.types if n in shapes)
+    plan = Plan(0, costs, damages, weights, fixed_bits, reused, vocab, shapes, tie_damage)
     bound = {"step": "plan", "target_size": opts.target_size.text or "", "target_bytes": upper,
              "planned_bytes": upper, "predicted_kld": WIDEST_FRACTION, "bits_per_weight": WIDEST_FRACTION,
              "types": {f"q{b}g{g}": len(free) for b, g in {c for d in costs.values() for c in d}},
              "measurement": "measured"}
     if vocab is not None:
-        bound.update(vocab={"size": upper, "damage_nats_per_byte": WIDEST_FRACTION},
-                     predicted_bpb_ratio=WIDEST_FRACTION)
+        bound["vocab"] = {"size": upper, "damage_nats_per_byte": WIDEST_FRACTION}
+    bound["predicted_bpb_ratio"] = WIDEST_FRACTION  # recorded whenever the vocabulary or the head was measured
+    bound["tie_head"] = {"damage_nats_per_byte": WIDEST_FRACTION} if tie_damage is not None else False
     plan.fixed = fixed + _header_bytes(header, opts, bound, eval_text_name if recipe.eval_text is not None else None,
                                        between)
     return plan
@@ -306,7 +328,8 @@ def frontier(plans: list, scale, opts, points: int = FRONTIER_POINTS) -> list[di
         row = {"target_bytes": nbytes, "planned_bytes": plan.size(choice), "predicted_kld": plan.kld(choice),
                "bits_per_weight": plan.bits_per_weight(choice, plan.shapes, opts), "types": histogram(choice)}
         if scale is not None:
-            row.update(vocab=plan.vocab.size, predicted_bpb_ratio=1 + plan.damage(choice, scale) / scale.nll_per_byte)
+            row.update(vocab=plan.vocab.size if plan.vocab is not None else None, tied=plan.tie_damage is not None,
+                       predicted_bpb_ratio=1 + plan.damage(choice, scale) / scale.nll_per_byte)
         rows.append(row)
     return rows
 
@@ -321,11 +344,12 @@ def print_frontier(rows: list[dict], bf16_bytes: int, file=None):
     file = file or sys.stdout
     vocab = any("vocab" in r for r in rows)
     print(f"{'target bytes':>14} {'planned bytes':>14} {'MB':>9} {'x bf16':>7} {'bits/w':>7} {'pred. KLD':>10}"
-          + (f" {'vocab':>7} {'pred. bpb':>9}" if vocab else "") + "  types", file=file)
+          + (f" {'vocab':>11} {'pred. bpb':>9}" if vocab else "") + "  types", file=file)
     for r in rows:
         extra = ""
         if vocab:
-            extra = f" {'full' if r['vocab'] is None else r['vocab']:>7} {r['predicted_bpb_ratio']:>8.4f}x"
+            v = f"{'full' if r['vocab'] is None else r['vocab']}{'+tie' if r.get('tied') else ''}"
+            extra = f" {v:>11} {r['predicted_bpb_ratio']:>8.4f}x"
         print(f"{r['target_bytes']:>14,d} {r['planned_bytes']:>14,d} {r['planned_bytes'] / 1e6:>9.3f} "
               f"{bf16_bytes / r['planned_bytes']:>6.2f}x {r['bits_per_weight']:>7.3f} {r['predicted_kld']:>10.4g}"
               + extra + "  " + " ".join(f"{k}:{v}" for k, v in r["types"].items()), file=file)
@@ -374,28 +398,31 @@ def plan_only(plans: list, scale, r, recipe, out, target_bytes, quiet: bool = Fa
     return result
 
 
-def run(r, s, recipe, calib_info, header: dict, out, eval_text_name, quiet: bool = False) -> tuple[dict, object]:
+def run(r, s, recipe, calib_info, header: dict, out, eval_text_name,
+        quiet: bool = False) -> tuple[dict, object, bool]:
     """convert.py's planning step: with --plan-only the frontier (returned; no pack), else the
-    choice for --target-size written into the stream's plan (`s.types`), its recipe record, and
-    the vocabulary trim it chose (tokenizer_trim.TrimPlan, or None for the full vocabulary)."""
+    choice for --target-size written into the stream's plan (`s.types`), its recipe record, the
+    vocabulary trim it chose (tokenizer_trim.TrimPlan, or None for the full vocabulary) and
+    whether it ties the head."""
     target = recipe.quant.target_size
     if recipe.plan_only and not Path(out).parent.is_dir():  # before the measurement, not after
         raise LlmpackError(f"output folder {Path(out).parent} does not exist (the plot goes there); create it first")
     plans, scale = make_plans(r, s, recipe, calib_info, header, quiet, eval_text_name)
     target_bytes = target.resolve(source_bf16_bytes(r.ckpt)) if target.text is not None else None
     if recipe.plan_only:
-        return plan_only(plans, scale, r, recipe, out, target_bytes, quiet), None
+        return plan_only(plans, scale, r, recipe, out, target_bytes, quiet), None, False
     plan, choice = choose(plans, scale, target, target_bytes, quiet)
     s.types.update(choice)
     rec = record(target, target_bytes, plan, choice, r.shapes, recipe.quant, scale)
     if not quiet:
-        vocab = "" if plan.vocab is None else (
-            f"vocabulary {'full' if plan.vocab.size is None else f'{plan.vocab.size:,} tokens'}, predicted "
-            f"bits/byte ratio {rec['predicted_bpb_ratio']:.4f}; ")
+        vocab = "" if scale is None else (
+            f"vocabulary {'full' if plan.vocab is None or plan.vocab.size is None else f'{plan.vocab.size:,} tokens'}"
+            f"{', head tied' if plan.tie_damage is not None else ''}, predicted bits/byte ratio "
+            f"{rec['predicted_bpb_ratio']:.4f}; ")
         print(f"plan: {target.text} = {target_bytes:,} bytes; planned {rec['planned_bytes']:,} bytes, "
               f"{rec['bits_per_weight']:.3f} bits/weight, predicted KLD {rec['predicted_kld']:.5f}; {vocab}"
               + " ".join(f"{k}:{v}" for k, v in rec["types"].items()), file=sys.stderr)
-    return rec, plan.vocab.trim if plan.vocab is not None else None
+    return rec, plan.vocab.trim if plan.vocab is not None else None, plan.tie_damage is not None
 
 
 def check_written(out, header: dict, quiet: bool = False):

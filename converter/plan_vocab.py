@@ -102,46 +102,93 @@ def trims(r, recipe, check) -> list:
     return [trim(n) for n in sizes if protected <= n < rows]
 
 
-def measure(r, recipe, plans: list, quiet: bool = False, cache=None) -> tuple[list, VocabScale]:
-    """Each candidate's damage (the full vocabulary first, damage 0) and the per-byte scale."""
+@dataclass
+class Measured:
+    """What the planner's one forward pass over held-out calibration text gives."""
+
+    vocabs: list  # VocabChoice per candidate, the full vocabulary first (damage 0)
+    scale: VocabScale
+    tie_damage: float | None  # tying the head (steps/tie_head.py), nats per byte; None: not applicable
+
+
+def measure(r, recipe, plans: list, tie: bool, quiet: bool = False, cache=None) -> Measured:
+    """Each vocabulary candidate's damage, tying's damage (when `tie`), and the per-byte scale."""
     from llmpack.runtime import quality_cross
+    from llmpack.runtime.quality import Accumulator
     from llmpack.runtime.tokenizer import Tokenizer
 
     text, _, _ = _split(recipe)
-    key = _key(r, plans, text, recipe.quant.calib_seqlen)
+    key = _key(r, plans, text, recipe.quant.calib_seqlen, tie)
     found = _read(cache, key)
     if found is not None:
         if not quiet:
-            print(f"plan: reused the vocabulary measurement in {cache}", file=sys.stderr)
-        return [VocabChoice(None, 0.0)] + [VocabChoice(p, d) for p, d in zip(plans, found["damages"])], \
-            VocabScale(found["bytes_per_token"], found["nll_per_byte"])
-    from .reference import hf_logits_fn
-
+            print(f"plan: reused the vocabulary and head measurement in {cache}", file=sys.stderr)
+        return _measured(plans, found)
     full = Tokenizer(r.tokenizer[0], r.tokenizer[2])
     toks = [Tokenizer(r.tokenizer[0], p.blob) for p in plans]
     pieces = quality_cross.text_windows([full] + toks, text, WINDOWS, recipe.quant.calib_seqlen)
-    logits_fn = hf_logits_fn(r.ckpt.dir, quiet)
+    run = _Forward(r.ckpt.dir, tie, quiet)
     accs = [quality_cross.CrossAccumulator(t, full) for t in toks]
+    tie_acc = Accumulator()
     ref_bits = ref_bytes = ref_tokens = 0.0
     for n, piece in enumerate(pieces):
         ref_ids = quality_cross.window_ids(full, piece)
         own_ids = [quality_cross.window_ids(tok, piece) for tok in toks]
         if min(len(i) for i in [ref_ids] + own_ids) < 2:
             continue
-        ref = logits_fn(np.asarray(ref_ids, np.int64))
+        ref, tied = run(ref_ids)
         ref_bits += _bits(ref, ref_ids)
         ref_bytes += quality_cross.scored_bytes(full, ref_ids)
         ref_tokens += len(ref_ids) - 1
+        if tied is not None:
+            tie_acc.add(ref, tied, ref_ids)
         for p, ids, acc in zip(plans, own_ids, accs):
-            own = logits_fn(p.kept[np.asarray(ids, np.int64)])[:, p.kept]
-            acc.add(ref, ref_ids, own, ids)
+            acc.add(ref, ref_ids, run(p.kept[np.asarray(ids, np.int64)])[0][:, p.kept], ids)
         if not quiet:
-            print(f"plan: vocabulary damage, window {n + 1}/{len(pieces)}", file=sys.stderr)
-    scale = VocabScale(ref_bytes / max(ref_tokens, 1), LN2 * ref_bits / max(ref_bytes, 1))
-    damages = [max(0.0, LN2 * (a.bits["file"] / a.bytes["file"] - a.bits["ref"] / a.bytes["ref"])) for a in accs]
-    _write(cache, key, {"damages": damages, "bytes_per_token": scale.bytes_per_token,
-                        "nll_per_byte": scale.nll_per_byte})
-    return [VocabChoice(None, 0.0)] + [VocabChoice(p, d) for p, d in zip(plans, damages)], scale
+            print(f"plan: vocabulary and head damage, window {n + 1}/{len(pieces)}", file=sys.stderr)
+    bpt = ref_bytes / max(ref_tokens, 1)
+    value = {"damages": [max(0.0, LN2 * (a.bits["file"] / a.bytes["file"] - a.bits["ref"] / a.bytes["ref"]))
+                         for a in accs],
+             "bytes_per_token": bpt, "nll_per_byte": LN2 * ref_bits / max(ref_bytes, 1),
+             "tie_kld_per_token": tie_acc.report()["kld"] if tie_acc.n else None}
+    _write(cache, key, value)
+    return _measured(plans, value)
+
+
+def _measured(plans, value) -> Measured:
+    scale = VocabScale(value["bytes_per_token"], value["nll_per_byte"])
+    tie = value["tie_kld_per_token"]
+    return Measured([VocabChoice(None, 0.0)] + [VocabChoice(p, d) for p, d in zip(plans, value["damages"])], scale,
+                    None if tie is None else tie / scale.bytes_per_token)
+
+
+class _Forward:
+    """The source model on one window: (logits, logits with the head tied through the fitted map or None)."""
+
+    def __init__(self, folder, tie: bool, quiet: bool):
+        from .reference import hf_model
+
+        self.model = hf_model(folder, quiet)
+        self.tie = None
+        if tie:
+            from .steps.tie_head import fit
+
+            E = self.model.get_input_embeddings().weight.detach().float().numpy()
+            M, _ = fit(E, self.model.get_output_embeddings().weight.detach().float().numpy())
+            self.tie = (E, M.astype(np.float32))
+        self.cap = getattr(self.model.config, "final_logit_softcapping", None)
+
+    def __call__(self, ids):
+        import torch
+
+        with torch.no_grad():
+            t = torch.as_tensor(np.asarray(ids, np.int64)[None])
+            logits = self.model(t).logits[0].float().numpy()
+            if self.tie is None:
+                return logits, None
+            E, M = self.tie
+            z = (self.model.base_model(t).last_hidden_state[0].float().numpy() @ M.T) @ E.T
+            return logits, np.tanh(z / self.cap) * self.cap if self.cap else z
 
 
 def _bits(logits, ids) -> float:
@@ -152,10 +199,10 @@ def _bits(logits, ids) -> float:
     return float(-lp[np.arange(len(tgt)), tgt].sum()) / LN2
 
 
-def _key(r, plans, text: str, seqlen: int) -> dict:
+def _key(r, plans, text: str, seqlen: int, tie: bool) -> dict:
     kept = hashlib.sha256(b"".join(np.ascontiguousarray(p.kept).tobytes() for p in plans)).hexdigest()
     return {"source": r.ckpt.sha256_files(), "kept": kept, "text": hashlib.sha256(text.encode()).hexdigest(),
-            "windows": WINDOWS, "seqlen": seqlen}
+            "windows": WINDOWS, "seqlen": seqlen, "tie": tie}
 
 
 def cache_path(sensitivity_file) -> Path | None:

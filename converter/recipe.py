@@ -114,6 +114,7 @@ class Recipe:
     vocab: VocabOptions = field(default_factory=VocabOptions)
     plan_only: bool = False  # --plan-only: print the size/KLD frontier, write no pack
     keep_vocab: bool = False  # --keep-vocab: the planner does not weigh trimming the vocabulary
+    tie_head: bool = False  # --tie-head: store an untied head as the embedding times a fitted map
 
     @property
     def calibrated(self) -> bool:
@@ -128,7 +129,7 @@ class Recipe:
                      slice=None, prune_mlp=None, prune_heads=None, drop_layers=None, sparsity=None,
                      heal: bool = False, heal_tokens: int | None = None, heal_device: str | None = None,
                      vocab_size=None, vocab_from=None, target_size=None,
-                     plan_only: bool = False, keep_vocab: bool = False) -> "Recipe":
+                     plan_only: bool = False, keep_vocab: bool = False, tie_head: bool = False) -> "Recipe":
         """The keyword options of `convert()` / the CLI, validated (LlmpackError on the first bad one)."""
         if dtype not in DTYPES:
             raise LlmpackError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -175,7 +176,7 @@ class Recipe:
                 raise LlmpackError(f"--sensitivity {sensitivity_file}: no such folder {Path(sensitivity_file).parent}")
         return cls(dtype, quant, structure, eval_text, eval_windows, eval_ctx, sensitivity_file,
                    _heal_options(heal, heal_tokens, heal_device, quant, structure, dtype, seed), vocab,
-                   plan_only, keep_vocab)
+                   plan_only, keep_vocab, bool(tie_head))
 
 
 def _heal_options(heal, tokens, device, quant: QuantOptions, structure: StructureOptions, dtype: str, seed: int):

@@ -9,6 +9,18 @@ from llmpack.formats.errors import LlmpackError
 
 def hf_logits_fn(folder, quiet: bool = False):
     """Full-sequence logits of a transformers checkpoint folder (float32, torch imported here)."""
+    model = hf_model(folder, quiet)
+    import torch
+
+    def fn(ids):
+        with torch.no_grad():
+            return model(torch.as_tensor(np.asarray(ids)[None])).logits[0].float().numpy()
+
+    return fn
+
+
+def hf_model(folder, quiet: bool = False):
+    """The transformers model of a checkpoint folder, float32, eval mode (torch imported here)."""
     try:
         import torch
         from transformers import AutoModelForCausalLM
@@ -19,13 +31,7 @@ def hf_logits_fn(folder, quiet: bool = False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-
-    def fn(ids):
-        with torch.no_grad():
-            return model(torch.as_tensor(np.asarray(ids)[None])).logits[0].float().numpy()
-
-    return fn
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
 
 
 def hf_tokenizer(folder):

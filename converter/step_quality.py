@@ -30,7 +30,7 @@ from .original import OriginalModel
 from .quantize.layers import embed_tokens, final_hidden
 from .stream import Step, Stream
 
-MEASURED_AFTER = ("drop_layers", "slice", "prune")  # steps whose state a probe can run (float tensors)
+MEASURED_AFTER = ("drop_layers", "slice", "prune", "tie_head")  # steps whose state a probe can run (float tensors)
 
 
 class Probe(Step):
@@ -49,7 +49,7 @@ class Probe(Step):
         self.model = dict(s.model)
         rows = pre["embed.weight"][self.ids.ravel()].reshape(self.ids.shape + (-1,))
         self.x = embed_tokens(s.spec, rows, pre.get("pos_embed.weight"), self.ids)
-        self.embed = pre["embed.weight"] if s.model["tied_head"] else None
+        self.embed = pre["embed.weight"]  # the head when tied (steps replace, never edit, the array)
 
     def layer(self, s: Stream, j: int, t: dict, x):
         self.x = s.runner(j, t, self.model).run(self.x)
@@ -59,6 +59,8 @@ class Probe(Step):
         self.h = final_hidden(self.model["norm"], s.spec.norm_eps, self.x, post)
         self.head = post["head.weight"] if "head.weight" in post else self.embed  # slicing unties a tied head
         self.bias = post.get("head.bias")
+        if "head_proj.weight" in post:  # tie_head: the embedding read through a fitted map
+            self.h = self.h @ post["head_proj.weight"].T
         self.x = self.embed = None
 
 

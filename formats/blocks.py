@@ -21,6 +21,7 @@ Canonical tensor names (i = block index; linear weights are (out, in) as torch k
     layers.i.mlp.{gate,up}.{weight,bias} (F, Di)    layers.i.mlp.down.{weight,bias} (Do, F)
     layers.i.shortcut.weight (Do, Di)   applied to the residual just before the MLP's add
     final_norm.{weight,bias} (DL,)      head.{weight,bias} (V, DL)   (absent when tied)
+    head_proj.weight (D0, DL)   tied head only, optional: logits = embed . (head_proj . h)
 
 Di / Do: the residual width entering / leaving block i (equal unless a shortcut maps them).
 """
@@ -135,6 +136,7 @@ class ModelSpec:
     final_norm: Norm
     head: Linear  # name "embed" when tied (the head reuses the embedding's bytes)
     tied: bool
+    head_proj: Linear | None = None  # tied head only: maps the final hidden state into the embedding's space
 
     def tensor_names(self) -> set[str]:
         """Every tensor the description reads (those of the file must be exactly these)."""
@@ -149,6 +151,8 @@ class ModelSpec:
         names |= _norm_names(self.final_norm)
         if not self.tied:
             names |= _linear_names(self.head)
+        if self.head_proj is not None:
+            names |= _linear_names(self.head_proj)
         return names
 
 
@@ -304,9 +308,13 @@ class _Reader:
             blocks.append(self.block(i, spec, width))
             width = blocks[-1].d_out
         final = self.norm("final_norm", width, m["norm"])
+        head_proj = None
         if m["tied_head"]:
-            if width != D:
-                self.bad(f"a tied head needs the final width {width} to equal the embedding's {D}")
+            head_proj = self.linear("head_proj", width, D, required=False)
+            if head_proj is None and width != D:
+                self.bad(f"a tied head needs the final width {width} to equal the embedding's {D} (or head_proj.weight)")
+            if head_proj is not None and head_proj.bias:
+                self.bad("head_proj has no bias; the file is corrupt or from a newer llmpack")
             head = Linear("embed", V, D, False)
         else:
             head = self.linear("head", width, V)
@@ -314,7 +322,7 @@ class _Reader:
             vocab=V, d_model=D, head_dim=m["head_dim"], rotary_dim=rotary_dim, rope_scaling=dict(scaling),
             norm_eps=float(m["norm_eps"]), attn_scale=float(m["attn_scale"]), embed_scale=m.get("embed_scale"),
             learned_pos=m["learned_pos"], final_softcap=m.get("final_softcap"), context_length=ctx,
-            blocks=tuple(blocks), final_norm=final, head=head, tied=m["tied_head"])
+            blocks=tuple(blocks), final_norm=final, head=head, tied=m["tied_head"], head_proj=head_proj)
 
 
 def describe_block(model: dict, i: int, shapes: dict, d_in: int, where: str = "") -> Block:

@@ -127,9 +127,10 @@ class NumpyBackend:
         cache.length = start + T
         if last_only:
             x = x[-1:]
-        head = self.spec.head
-        logits = linear(final_hidden(self.spec, self.w, x), self.w[head.name + ".weight"],
-                        self.w.get(head.name + ".bias"))
+        head, h = self.spec.head, final_hidden(self.spec, self.w, x)
+        if self.spec.head_proj is not None:  # a tied head reading another basis (converter/steps/tie_head.py)
+            h = linear(h, self.w["head_proj.weight"], None)
+        logits = linear(h, self.w[head.name + ".weight"], self.w.get(head.name + ".bias"))
         return softcap(self.spec, logits)
 
     def _embed(self, ids, pos):

@@ -337,6 +337,8 @@ class _Builder:
     def head(self, h: str) -> str:
         if not self.spec.tied:
             return self.linear(h, "head")
+        if self.spec.head_proj is not None:  # a tied head reading another basis (converter/steps/tie_head.py)
+            h = self.linear(h, "head_proj")
         if STORAGE_TYPES[self.kind("embed.weight")].quantized:
             return self.linear(h, "embed")  # MatMulNBits over the embedding's own bytes
         return self.g.node("FusedMatMul", [h, self.plain_f32("embed.weight")], domain=MS, name="head",

@@ -63,6 +63,8 @@ class FileStudent:
         p.fixed(head + ".weight", pack.array(head + ".weight"))
         if spec.head.bias:
             p.fixed(head + ".bias", pack.array(head + ".bias"))
+        if spec.head_proj is not None:
+            p.fixed("head_proj.weight", pack.array("head_proj.weight"))
         rows = pack.array("embed.weight", rows=ids.ravel()).reshape(ids.shape + (-1,))
         pos = pack.array("pos_embed.weight")[: ids.shape[1]] if spec.learned_pos else None
         self.x0 = torch.from_numpy(embed(spec, rows, pos))

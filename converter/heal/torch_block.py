@@ -119,6 +119,8 @@ def logits(spec: ModelSpec, w: Weights, x):
     """(B, T, V) from the last block's output: final norm, head, soft cap."""
     n = spec.final_norm
     h = NORMS[n.kind](x, w(n.name + ".weight"), w(n.name + ".bias"), spec.norm_eps)
+    if spec.head_proj is not None:
+        h = F.linear(h, w("head_proj.weight"))
     out = F.linear(h, w(spec.head.name + ".weight"), w(spec.head.name + ".bias") if spec.head.bias else None)
     cap = spec.final_softcap
     return torch.tanh(out / cap) * cap if cap else out
