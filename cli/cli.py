@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from llmpack.formats.errors import LlmpackError
 
@@ -48,13 +50,27 @@ def main(argv=None) -> int:
             print("llmpack convert needs the converter extras: pip install 'llmpack[convert]'", file=sys.stderr)
             return 2
         raise
+    previous = None
+    if cmd in ("convert", "export-onnx") and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)  # a terminated conversion leaves nothing, as Ctrl-C
     try:
-        status = module.main(argv[1:]) or 0
+        return _run(cmd, module, argv[1:])
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(cmd: str, module, args: list) -> int:
+    try:
+        status = module.main(args) or 0
         sys.stdout.flush()  # a closed pipe surfaces here, not as "Exception ignored" at exit
         return status
     except LlmpackError as e:
         print(f"llmpack {cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"llmpack {cmd}: terminated (SIGTERM); no output file was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
@@ -68,6 +84,14 @@ def main(argv=None) -> int:
               f"(if the input is valid, please report this; LLMPACK_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into the interrupt every writer already cleans up after (its temporary removed)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,7 +1,7 @@
 """One recipe drives a conversion: which steps run, in which order, with which options.
 
-    read -> [drop layers] -> [trim vocabulary] -> [slice] -> [prune heads / MLP] -> [quantize] -> write
-         -> [evaluate]
+    read -> [plan for a size] -> [drop layers] -> [trim vocabulary] -> [slice] -> [prune heads / MLP]
+         -> [tie the head] -> [quantize] -> [heal] -> write -> [evaluate, after each step too]
 
 Options are validated here, before any work, each failure one line naming the option and the
 fix; the recipe as run (each step and its options) is recorded in the file's header.

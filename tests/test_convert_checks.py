@@ -151,3 +151,36 @@ def test_a_conversion_killed_after_the_header_leaves_no_pack_and_the_next_cleans
     convert(tiny, out, dtype="f32", quiet=True)
     assert [p.name for p in out.parent.iterdir()] == ["m.llmpack"]
     Pack(out).close()
+
+
+TERMINATED_CONVERSION = """
+import os, sys
+from llmpack.cli import main
+
+def block(fd):  # the writer is about to sync: the parent terminates this process here
+    print("writing", flush=True)
+    sys.stdin.read()
+
+os.fsync = block
+sys.exit(main(["convert", sys.argv[1], "-o", sys.argv[2], "--dtype", "f32", "-q"]))
+"""
+
+
+def test_a_terminated_conversion_leaves_nothing(tiny, tmp_path):
+    """SIGTERM (what `kill`, systemd and container runtimes send) cleans up as Ctrl-C does: exit
+    143, one line, no output and no temporary."""
+    out = tmp_path / "out" / "m.llmpack"
+    out.parent.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-c", TERMINATED_CONVERSION, str(tiny), str(out)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = child.stdout.readline()
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert line == "writing\n"
+    assert child.returncode == 143, err
+    assert err.strip() == "llmpack convert: terminated (SIGTERM); no output file was written", err
+    assert list(out.parent.iterdir()) == []

@@ -70,6 +70,11 @@ for _f in ("0.1", "0.25", "0.5"):
 for _n in ("2", "4", "6"):
     LLMPACK_CONFIGS[f"drop{_n}"] = ["--drop-layers", _n]
     LLMPACK_CONFIGS[f"drop{_n}-q4-gptq"] = ["--drop-layers", _n, "--bits", "4", "--method", "gptq"]
+# The size planner (issue 11) at llama.cpp's file sizes on this model (docs/plan.md); --keep-vocab so
+# that both read the same tokens (a trimmed vocabulary is compared in bits per byte instead).
+for _name, _bytes in (("Q2_K", 415_200_000), ("Q3_K_M", 432_000_000), ("Q4_K_M", 491_400_000),
+                      ("Q8_0", 675_700_000)):
+    LLMPACK_CONFIGS[f"plan-{_name}-size"] = ["--target-size", str(_bytes), "--method", "gptq", "--keep-vocab"]
 # Healing (issue 9): trained against the original on the calibration text (docs/healing.md).
 LLMPACK_CONFIGS["q2-gptq-heal16k"] = ["--bits", "2", "--method", "gptq", "--heal", "--heal-tokens", "16384"]
 LLMPACK_CONFIGS["q3-gptq-heal16k"] = ["--bits", "3", "--method", "gptq", "--heal", "--heal-tokens", "16384"]
@@ -174,7 +179,7 @@ def bench_llmpack(name, extra, args, ref, windows, base) -> dict:
     if not (out.is_file() and side.is_file()):  # a finished conversion is reused (resumable benchmark)
         cmd = [sys.executable, "-m", "llmpack", "convert", str(args.model), "-o", str(out), "-q",
                "--calib-samples", str(args.calib_samples)] + extra
-        if "--target-bpw" in extra:  # every target shares one sensitivity measurement
+        if "--target-bpw" in extra or "--target-size" in extra:  # every target shares one sensitivity measurement
             cmd += ["--sensitivity", str(Path(args.out) / "sensitivity.json")]
         secs, rss, _ = run_measured(cmd)
         side.write_text(json.dumps({"seconds": secs, "peak_rss": rss, "cmd": cmd}))
