@@ -229,13 +229,11 @@ def make_plans(r, s, recipe, calib_info, header: dict, quiet: bool = False,
             for v in vocabs for tie in ties], scale
 
 
-def _lay_out(r, s, recipe, header: dict, free: list, damages: dict, reused: bool, vocab, tie_damage,
-             eval_text_name) -> Plan:
-    """Every byte of the file but the choices', under vocabulary `vocab` (None: as the source),
-    with the head tied to the embedding when `tie_damage` is not None (its damage per byte)."""
+def _variant(r, header: dict, free: list, damages: dict, vocab, tie_damage):
+    """Shapes, tokenizer blob, header, choices and damages of the source under a vocabulary trim
+    and/or a tied head, and the records of those steps (they run before quantize)."""
     from .steps.vocab_trim import VocabTrimStep
 
-    opts = recipe.quant
     shapes, tok_name, tok_blob, between = dict(r.shapes), r.tokenizer[1], r.tokenizer[2], []
     trim = vocab.trim if vocab is not None else None
     if trim is not None:
@@ -255,6 +253,16 @@ def _lay_out(r, s, recipe, header: dict, free: list, damages: dict, reused: bool
         damages["embed.weight"] = {c: v + head_damages.get(c, v) for c, v in damages["embed.weight"].items()}
         header = dict(header, model=dict(header["model"], tied_head=True))
         between.append({"step": "tie_head", "residual": WIDEST_FRACTION})
+    return shapes, tok_name, tok_blob, header, free, damages, between
+
+
+def _lay_out(r, s, recipe, header: dict, free: list, damages: dict, reused: bool, vocab, tie_damage,
+             eval_text_name) -> Plan:
+    """Every byte of the file but the choices', under vocabulary `vocab` (None: as the source),
+    with the head tied to the embedding when `tie_damage` is not None (its damage per byte)."""
+    opts = recipe.quant
+    shapes, tok_name, tok_blob, header, free, damages, between = _variant(r, header, free, damages, vocab,
+                                                                          tie_damage)
     # directory offsets have at most the digits of an upper bound of the data region's end
     all_shapes = list(shapes.values()) + [a.shape for a in r.extra.values()]
     upper = PREFIX_SIZE + align(len(tok_blob)) + sum(align(math.prod(shape) * 4) + 4 * ALIGN for shape in all_shapes)
