@@ -138,6 +138,8 @@ def _step_text(r: dict) -> str:
 def _step_quality(q: dict) -> str:
     """The quality a step's record carries (measured after that step with --eval)."""
     try:
+        if q.get("ppl_ratio") is None and q.get("bpb_ratio") is not None:  # a trimmed vocabulary
+            return f"bits/byte x{q['bpb_ratio']:.3f}, KLD {q['kld']:.4f} and top-1 {100 * q['top1']:.1f} % where read alike"
         return f"KLD {q['kld']:.4f}, top-1 {100 * q['top1']:.1f} %, PPL x{q['ppl_ratio']:.3f}"
     except (KeyError, TypeError, ValueError):
         return _compact(q)

@@ -249,3 +249,12 @@ def test_vocabulary_damage_is_measured_on_text_the_tokens_were_not_counted_on(se
     assert len(measured) > 1000 and setup["calib"].read_text().endswith(measured)
     assert len(counted) == 1 and measured not in counted[0] and "without the text" in corpus
     assert len(counted[0]) == len(calib_mod.default_text()) - len(measured)
+
+
+def test_inspect_shows_a_trimmed_files_step_quality_in_bits_per_byte(setup, tmp_path):
+    out = tmp_path / "v.llmpack"
+    convert(setup["ckpt"], out, vocab_size=280, bits=4, eval_text=calib_mod.default_eval_path(), eval_windows=2,
+            eval_ctx=32, quiet=True)
+    shown = subprocess.run([sys.executable, "-m", "llmpack", "inspect", str(out)], capture_output=True, text=True)
+    line = next(x for x in shown.stdout.splitlines() if "-> quantize (" in x)
+    assert "[then bits/byte x" in line and "where read alike]" in line, shown.stdout
