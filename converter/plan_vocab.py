@@ -146,6 +146,9 @@ def measure(r, recipe, plans: list, tie: bool, quiet: bool = False, cache=None) 
             acc.add(ref, ref_ids, run(p.kept[np.asarray(ids, np.int64)])[0][:, p.kept], ids)
         if not quiet:
             print(f"plan: vocabulary and head damage, window {n + 1}/{len(pieces)}", file=sys.stderr)
+    if not ref_bytes:
+        raise LlmpackError("the calibration text is too short to measure what trimming the vocabulary or tying "
+                           "the head costs; give a longer --calib, or --keep-vocab")
     bpt = ref_bytes / max(ref_tokens, 1)
     value = {"damages": [max(0.0, LN2 * (a.bits["file"] / a.bytes["file"] - a.bits["ref"] / a.bytes["ref"]))
                          for a in accs],
