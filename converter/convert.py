@@ -125,7 +125,8 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
     if recipe.heal is not None:
         from .heal.run import Healing
 
-        healing = Healing(recipe.heal, out, Healing.key(header, _options_record(recipe), ids), quiet)
+        healing = Healing(recipe.heal, out, Healing.key(header, _options_record(recipe), ids), quiet,
+                          trim.new_of_old if trim is not None else None)
         steps = healing.wrap(steps)
     probes = None
     if evaluator is not None and trim is None:  # a trimmed vocabulary is compared file to file only
@@ -137,8 +138,8 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
                probes)
         if healing is not None:
             healing.after_stream()
-    if healing is not None:
-        healing.finish(s.ids, evaluator)
+    if healing is not None:  # the student's calibration ids (a trimmed vocabulary renumbers them)
+        healing.finish(trim.new_of_old[ids] if trim is not None else ids, evaluator)
     if not quiet:
         print(f"convert: wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s",
               file=sys.stderr)

@@ -157,9 +157,6 @@ class Recipe:
                                "with --bits instead")
         vocab = VocabOptions(vocab_size, [str(f) for f in vocab_from] if vocab_from else None)
         vocab.validate()
-        if vocab.active and heal:
-            raise LlmpackError("--heal trains against the untrimmed model's tokens; combine --vocab-size with --bits "
-                               "(without --heal) for now")
         if vocab.active and quant.target_bpw is not None:
             raise LlmpackError("--target-bpw measures the untrimmed vocabulary; combine --vocab-size with --bits or "
                                "--target-size instead")

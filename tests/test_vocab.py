@@ -241,7 +241,6 @@ def test_convert_eval_of_a_trimmed_pack_is_recorded_and_shown(packs, tmp_path):
     (["--vocab-size", "280", "--target-bpw", "4"], "--target-bpw measures the untrimmed vocabulary"),
     (["--vocab-size", "280", "--target-size", "1MB", "--keep-vocab"], "--keep-vocab tells --target-size"),
     (["--keep-vocab", "--bits", "4"], "--keep-vocab tells --target-size/--plan-only not to trim"),
-    (["--vocab-size", "280", "--bits", "4", "--heal"], "--heal trains against the untrimmed model's tokens"),
 ])
 def test_bad_vocab_options_are_one_line_errors(args, message, packs, tmp_path):
     assert_convert_refuses(packs("llama")[0], tmp_path, args, message)

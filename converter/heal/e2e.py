@@ -36,8 +36,9 @@ def topk_kl(z, idx, lp):
     logq = torch.log_softmax(z.float(), dim=-1)
     q_top = logq.gather(1, idx)
     p_top = lp.exp()
+    kept = lp > -1e29  # bins a trimmed vocabulary emptied (heal/run.trimmed_targets) are no bins
     tail_p = (1 - p_top.sum(1)).clamp_min(1e-9)
-    tail_q = (1 - q_top.exp().sum(1)).clamp_min(1e-9)
+    tail_q = (1 - (q_top.exp() * kept).sum(1)).clamp_min(1e-9)
     return ((p_top * (lp - q_top)).sum(1) + tail_p * (tail_p.log() - tail_q.log())).mean()
 
 

@@ -12,8 +12,9 @@ from .teacher import Teacher
 
 
 class Healing:
-    def __init__(self, opts, out, key: dict, quiet: bool = False):
-        self.opts, self.out, self.quiet = opts, out, quiet
+    def __init__(self, opts, out, key: dict, quiet: bool = False, new_of_old: np.ndarray | None = None):
+        """`new_of_old`: a trimmed vocabulary's id map (tokenizer_trim.TrimPlan), else None."""
+        self.opts, self.out, self.quiet, self.new_of_old = opts, out, quiet, new_of_old
         self.state = HealState(out, key, quiet)
         self.teacher = Teacher(opts.top_k)
         self.e2e = "e2e" in opts.phases
@@ -44,6 +45,8 @@ class Healing:
     def after_stream(self):
         if self.e2e:
             idx, lp = self.teacher.topk
+            if self.new_of_old is not None:
+                idx, lp = trimmed_targets(idx, lp, self.new_of_old)
             self.state.save("teacher.npz", {"idx": idx, "lp": lp})
         else:
             self.state.remove()
@@ -59,3 +62,15 @@ class Healing:
                         quiet=self.quiet)
         self.state.remove()
         return rec
+
+
+def trimmed_targets(idx: np.ndarray, lp: np.ndarray, new_of_old: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's top-k over the full vocabulary in a trimmed student's ids: a removed token's
+    bin is emptied (log-probability MASKED, id 0) and its mass joins the tail, the one bin the
+    student's other tokens share (e2e.topk_kl skips emptied bins)."""
+    new = new_of_old[idx]
+    gone = new < 0
+    return np.where(gone, 0, new).astype(idx.dtype), np.where(gone, np.float32(MASKED), lp).astype(lp.dtype)
+
+
+MASKED = -1e30  # an emptied top-k bin's log-probability: exp() is 0, and 0 x (MASKED - q) stays finite
