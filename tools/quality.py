@@ -335,6 +335,8 @@ def _category(r) -> str:
     name = r["name"]
     if "heal" in name:
         return "llmpack healed"
+    if name.startswith("llmpack plan-"):
+        return "llmpack --target-size"
     if any(k in name for k in STRUCTURAL):
         return "llmpack structure" + (" + q4" if "q4" in name else " (f16)")
     return "llmpack quantization"
@@ -348,7 +350,7 @@ def plot(rows, path, title="Qwen2.5-Coder-0.5B-Instruct (off-grid)"):
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     # markers only: a line between measured points would suggest sizes nobody measured
-    for cat, style in (("llmpack quantization", "o"), ("llmpack structure + q4", "v"), ("llmpack structure (f16)", "<"),
+    for cat, style in (("llmpack quantization", "o"), ("llmpack --target-size", "D"), ("llmpack structure + q4", "v"), ("llmpack structure (f16)", "<"),
                        ("llmpack healed", "*"), ("llama.cpp", "s"), ("onnxruntime-genai", "^")):
         pts = sorted((r["file_bytes"] / 1e6, r["kld"], r["name"]) for r in rows if _category(r) == cat)
         if not pts:
