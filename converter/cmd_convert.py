@@ -34,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .llmpack file (written atomically)")
     p.add_argument("--dtype", default="f16", help="f32, f16, bf16 or q8: storage of the weight matrices "
                    "when not quantizing (norms and biases stay f32; q8 = --bits 8); default f16")
+    _quantization_options(p)
+    _structure_options(p)
+    _vocabulary_options(p)
+    _calibration_options(p)
+    _healing_options(p)
+    _measurement_options(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def _quantization_options(p: argparse.ArgumentParser):
     q = p.add_argument_group("quantization")
     q.add_argument("--bits", type=_int, help="quantize every weight matrix (embedding and head row-wise) "
                    "to 8, 4, 3 or 2 bits")
@@ -68,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune the decoder layers' weights (embedding and head stay dense), stored so the file "
                         "really shrinks: a fraction in (0, 1) (unstructured, e.g. 0.5) or 2:4; needs --bits; "
                         "Wanda-style selection, SparseGPT-style with --method gptq; calibrates")
+
+
+def _structure_options(p: argparse.ArgumentParser):
     st = p.add_argument_group("structure (calibrated; composes with quantization, applied in this order)")
     st.add_argument("--drop-layers", type=_int, metavar="N", help="remove N whole layers, chosen one at a time by "
                     "the measured KL divergence of dropping each")
@@ -77,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "fraction F < 1), least important first (|W_o| x ||context||)")
     st.add_argument("--prune-mlp", type=_float, metavar="F", help="remove fraction F of each layer's MLP neurons, "
                     "least important first (|W_down| x ||activation||), mean contribution kept as a bias")
+
+
+def _vocabulary_options(p: argparse.ArgumentParser):
     v = p.add_argument_group("vocabulary (the embedding and head keep only these tokens' rows)")
     v.add_argument("--vocab-size", type=_int, metavar="N", help="keep the N tokens a corpus uses most (special "
                    "tokens, the byte alphabet and what kept tokens are merged from always stay: any text still "
@@ -86,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "map (GGUF-derived checkpoints of tied models); --target-size weighs it by itself")
     v.add_argument("--vocab-from", nargs="+", metavar="FILE", help="the corpus to count tokens on (default: the "
                    "shipped calibration text, English prose and Python code); alone: keep every token it uses")
+
+
+def _calibration_options(p: argparse.ArgumentParser):
     c = p.add_argument_group("calibration (gptq, awq, --target-bpw, --sparsity, structure)")
     c.add_argument("--calib", metavar="FILE", help="calibration text file (default: the shipped text)")
     c.add_argument("--calib-samples", type=_int, default=16, help="calibration windows (default 16)")
@@ -93,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=_int, default=0, help="seed for sample choice (default 0)")
     c.add_argument("--no-act-order", action="store_true", help="GPTQ: keep the natural column order")
     c.add_argument("--damp", type=_float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (0.01)")
+
+
+def _healing_options(p: argparse.ArgumentParser):
     h = p.add_argument_group("healing (trains the compressed model against the original; torch, calibrates)")
     h.add_argument("--heal", action="store_true", help="after compression, train each block to reproduce the "
                    "original's (block-wise), then the file's scales and norms against the original's next-token "
@@ -100,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--heal-tokens", type=_int, metavar="N", help="training tokens of each phase (block-wise: per "
                    "block); default 32768")
     h.add_argument("--heal-device", metavar="cpu|cuda", help="where healing trains (default cpu)")
+
+
+def _measurement_options(p: argparse.ArgumentParser):
     e = p.add_argument_group("measurement")
     e.add_argument("--eval", action="store_true",
                    help="measure KLD/top-1/PPL against the source on the shipped evaluation text (three Python "
@@ -107,8 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-text", metavar="TEXT", help="the same on your own text file (implies --eval)")
     e.add_argument("--eval-windows", type=_int, default=16, help="windows of the measurement (default 16)")
     e.add_argument("--eval-ctx", type=_int, default=512, help="tokens per window (default 512)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    return p
 
 
 def _int(s):

@@ -88,3 +88,16 @@ def test_runtime_and_formats_never_import_the_converter():
     bad = [(m, t) for m, (tree, pkg) in mods.items() if m.startswith(("llmpack.runtime", "llmpack.formats"))
            for t, _ in imports(m, tree, pkg, set(mods)) if t.startswith("llmpack.converter")]
     assert not bad, bad
+
+
+def test_every_package_folder_is_installed():
+    """pyproject's explicit package list names every folder that has an __init__.py: a subpackage
+    missing there is absent from a wheel (`pip install llmpack`) though an editable install finds it."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set()
+    for folder, pkg in PACKAGES.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            found.add(".".join([pkg, *init.parent.relative_to(ROOT / folder).parts]))
+    assert found == listed, (sorted(found - listed), sorted(listed - found))
