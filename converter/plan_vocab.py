@@ -97,7 +97,10 @@ def trims(r, recipe, check) -> list:
 
     if recipe.vocab.active:
         return [trim(recipe.vocab.size)]
-    protected = trim(rows - 1).protected
+    try:
+        protected = trim(rows - 1).protected
+    except LlmpackError:  # a tokenizer trimming cannot edit (WordPiece, Unigram): the planner keeps it whole
+        return []
     sizes = sorted({protected + math.ceil(f * (rows - protected)) for f in SHARES}, reverse=True)
     return [trim(n) for n in sizes if protected <= n < rows]
 
