@@ -51,3 +51,11 @@ class OriginalModel(Step):
         head = self.embed if s.spec.tied else post["head.weight"]
         self.x = self.embed = None
         return h, head
+
+
+def head_logits(h: np.ndarray, head: np.ndarray, bias, softcap) -> np.ndarray:
+    """Logits of hidden states h (N, D) through a head (V, D), its bias and the soft cap."""
+    z = h.astype(np.float32) @ head.T.astype(np.float32, copy=False)
+    if bias is not None:
+        z += bias
+    return np.tanh(z / softcap) * softcap if softcap else z

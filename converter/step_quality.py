@@ -26,7 +26,7 @@ import numpy as np
 from llmpack.runtime.progress import Progress
 from llmpack.runtime.quality import Accumulator
 
-from .original import OriginalModel
+from .original import OriginalModel, head_logits
 from .quantize.layers import embed_tokens, final_hidden
 from .stream import Step, Stream
 
@@ -77,13 +77,6 @@ class Reference(OriginalModel):
         self.bias = post.get("head.bias")
 
 
-def _logits(h: np.ndarray, head: np.ndarray, bias, softcap) -> np.ndarray:
-    z = h.astype(np.float32) @ head.T.astype(np.float32, copy=False)
-    if bias is not None:
-        z += bias
-    return np.tanh(z / softcap) * softcap if softcap else z
-
-
 class StepQuality:
     """Probes for a recipe's steps and the measurement that fills the steps' records."""
 
@@ -120,9 +113,9 @@ class StepQuality:
         ref = self.reference
         progress = Progress("eval after each step", len(self.ids), quiet=self.quiet)
         for w, ids in enumerate(self.ids):
-            r = _logits(ref.h[w], ref.head, ref.bias, s.spec.final_softcap)
+            r = head_logits(ref.h[w], ref.head, ref.bias, s.spec.final_softcap)
             for p, acc in zip(self.probes, accs):
-                acc.add(r, _logits(p.h[w], p.head, p.bias, s.spec.final_softcap), ids)
+                acc.add(r, head_logits(p.h[w], p.head, p.bias, s.spec.final_softcap), ids)
             progress.step(f"window {w + 1}")
         progress.done()
         for p, acc in zip(self.probes, accs):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..original import OriginalModel
+from ..original import OriginalModel, head_logits
 from ..stream import Stream
 
 
@@ -46,12 +46,7 @@ def top_logprobs(h: np.ndarray, head: np.ndarray, bias, softcap, k: int, chunk: 
     idx = np.empty((n, k), np.int32)
     lp = np.empty((n, k), np.float32)
     for a in range(0, n, chunk):
-        z = h[a:a + chunk].astype(np.float32) @ head.T.astype(np.float32, copy=False)
-        if bias is not None:
-            z += bias
-        if softcap:
-            z = np.tanh(z / softcap) * softcap
-        z = z.astype(np.float64)
+        z = head_logits(h[a:a + chunk], head, bias, softcap).astype(np.float64)
         z -= z.max(axis=1, keepdims=True)
         z -= np.log(np.exp(z).sum(axis=1, keepdims=True))
         top = np.argpartition(-z, k - 1, axis=1)[:, :k]
