@@ -112,7 +112,7 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
             return planned
         if trim is not None:  # the planner trimmed the vocabulary: calibrate on the trimmed tokenizer's tokens
             r.tokenizer = (r.tokenizer[0], r.tokenizer[1], trim.blob)
-            s.ids = trim.kept[_calibration(recipe, r.tokenizer)[0]]
+            ids = s.ids = trim.kept[_calibration(recipe, r.tokenizer)[0]]
     steps, done = _steps(recipe, s, quiet)
     if trim is not None:
         steps.insert(0, vocab_trim.VocabTrimStep(trim))

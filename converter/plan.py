@@ -291,6 +291,10 @@ def _lay_out(r, s, recipe, header: dict, free: list, damages: dict, reused: bool
         bound["vocab"] = {"size": upper, "damage_nats_per_byte": WIDEST_FRACTION}
     bound["predicted_bpb_ratio"] = WIDEST_FRACTION  # recorded whenever the vocabulary or the head was measured
     bound["tie_head"] = {"damage_nats_per_byte": WIDEST_FRACTION} if tie_damage is not None else False
+    if recipe.heal is not None:  # healing runs after the plan is fixed; its records are set aside
+        from .heal.run import record_bounds
+
+        between += record_bounds(recipe.heal, header["model"]["n_layers"], opts.calib_seqlen, WIDEST_SECONDS)
     plan.fixed = fixed + _header_bytes(header, opts, bound, eval_text_name if recipe.eval_text is not None else None,
                                        between)
     return plan

@@ -163,9 +163,8 @@ class Recipe:
         if keep_vocab and (quant.target_size is None or vocab.active):
             raise LlmpackError("--keep-vocab tells --target-size/--plan-only not to trim the vocabulary; use it "
                                "with one of them and without --vocab-size/--vocab-from")
-        if heal and quant.target_size is not None:
-            raise LlmpackError("--target-size does not count healing's records yet; combine --heal with --bits or "
-                               "--target-bpw")
+        if heal and plan_only:
+            raise LlmpackError("--plan-only writes no file, so there is nothing to heal; drop --heal or --plan-only")
         if sensitivity_file is not None:
             if not quant.allocated:
                 raise LlmpackError("--sensitivity only applies with --target-bpw or --target-size; add one or drop it")

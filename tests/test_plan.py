@@ -258,3 +258,49 @@ def test_inspect_shows_a_trimmed_files_step_quality_in_bits_per_byte(setup, tmp_
     shown = subprocess.run([sys.executable, "-m", "llmpack", "inspect", str(out)], capture_output=True, text=True)
     line = next(x for x in shown.stdout.splitlines() if "-> quantize (" in x)
     assert "[then bits/byte x" in line and "where read alike]" in line, shown.stdout
+
+
+def test_target_size_with_healing_fits_and_keeps_the_plan(setup, full_vocab_smallest, tmp_path, monkeypatch):
+    """--target-size --heal: the planner sets the healing records aside, so the healed and
+    measured file is still at or under the target (within 2 %); the file holds the planned types
+    and its end-to-end KL falls; with a trimmed vocabulary the teacher and the student read the
+    same calibration tokens."""
+    target = full_vocab_smallest + 6000  # room for the report and healing's records (~2 kB here)
+    text = setup["ckpt"].parent / "eval.txt"
+    text.write_text(calib_mod.default_text()[60000:64000])
+    plain, healed = tmp_path / "p.llmpack", tmp_path / "h.llmpack"
+    kw = dict(target_size=str(target), eval_text=str(text), eval_windows=2, eval_ctx=32, **_kw(setup))
+    kw["vocab_size"] = 262  # the planner's trimming path, pinned: the calibration text uses removed tokens
+    hp = convert(setup["ckpt"], plain, **kw)
+    from llmpack.converter.heal.run import Healing
+    from llmpack.converter.heal.teacher import Teacher
+
+    seen = {}
+    teacher_pre, finish = Teacher.pre, Healing.finish
+    monkeypatch.setattr(Teacher, "pre", lambda self, s, pre: (seen.update(teacher=s.ids), teacher_pre(self, s, pre)))
+    monkeypatch.setattr(Healing, "finish", lambda self, ids, amend=None: (
+        seen.update(student=ids, new_of_old=self.new_of_old), finish(self, ids, amend))[1])
+    hh = convert(setup["ckpt"], healed, heal=True, heal_tokens=512, **kw)
+    # the student trains on the teacher's tokens, in the trimmed ids
+    assert np.array_equal(seen["new_of_old"][seen["teacher"]], seen["student"])
+    assert 0.98 * target <= healed.stat().st_size <= target
+    steps = [r["step"] for r in hh["recipe"]]
+    assert steps[0] == "plan" and "vocab" in steps and steps[-2:] == ["heal_blocks", "heal_e2e"], steps
+    hist = {}
+    for t in hh["tensors"]:
+        if t["type"].startswith("q"):
+            hist[f"{t['type']}g{t['group_size']}"] = hist.get(f"{t['type']}g{t['group_size']}", 0) + 1
+    assert hist == _plan_record(hh)["types"]  # healing trains scales and norms, never a type
+    # what healing's records cost: the same target without it plans a little more
+    assert _plan_record(hh)["planned_bytes"] <= _plan_record(hp)["planned_bytes"]
+    kl = hh["recipe"][-1]["kl"]
+    assert kl["after"] < kl["before"]
+    assert hh["quality"][0]["bpb_ratio"] > 0 and not list(tmp_path.glob("*.heal"))
+
+
+def test_plan_only_with_heal_is_one_line_error(setup, tmp_path, capsys):
+    from llmpack.cli import main
+
+    code = main(["convert", str(setup["ckpt"]), "-o", str(tmp_path / "p.llmpack"), "--plan-only", "--heal", "-q"])
+    err = capsys.readouterr().err
+    assert code != 0 and "nothing to heal" in err and len(err.strip().splitlines()) == 1, err

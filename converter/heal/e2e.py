@@ -128,6 +128,13 @@ class FileStudent:
             w.finish(header, amend=amend)
 
 
+def record(tokens: int, before: float, after: float, seconds: float) -> dict:
+    """The recipe's record of the end-to-end phase."""
+    return {"step": "heal_e2e", "tokens": int(tokens), "kl": {"before": float(f"{before:.6g}"),
+                                                            "after": float(f"{after:.6g}")},
+            "seconds": round(seconds, 1)}
+
+
 def heal_file(src, out, ids: np.ndarray, topk: tuple, opts, state, amend=None,
               quiet: bool = False) -> dict:
     """Train `src`'s scales and norms on calibration `ids` (B, T) against the teacher's `topk`
@@ -168,8 +175,7 @@ def heal_file(src, out, ids: np.ndarray, topk: tuple, opts, state, amend=None,
     if not quiet:
         print(f"heal end-to-end: KL {before:.4f} -> {after:.4f} on {len(probe) * T} calibration tokens "
               f"({steps} steps, {time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
-    rec = {"step": "heal_e2e", "tokens": steps * batch * T, "kl": {"before": float(f"{before:.6g}"), "after": float(f"{after:.6g}")},
-           "seconds": round(time.time() - t0, 1)}
+    rec = record(steps * batch * T, before, after, time.time() - t0)
     header = {k: v for k, v in pack.header.items() if k not in ("tensors", "format_version", "min_reader")}
     header["recipe"] = list(header.get("recipe", [])) + [rec]
     st.write(out, header, amend)

@@ -64,6 +64,26 @@ class Healing:
         return rec
 
 
+WIDEST_SIG = -1.23457e-05  # a figure kept to 6 significant digits, at its widest in JSON
+
+
+def record_bounds(opts, n_layers: int, seqlen: int, widest_seconds: float) -> list[dict]:
+    """The recipe records healing adds (teacher, block-wise, end to end), each at its widest:
+    what a size planner sets aside before any training has run."""
+    from .e2e import record
+
+    blocks = BlockHeal(None, opts, None)
+    blocks.losses = [(WIDEST_SIG, WIDEST_SIG)] * n_layers
+    blocks.seconds = widest_seconds
+    recs = [{"step": Teacher.name, **Teacher(opts.top_k).options()}]
+    if "block" in opts.phases:
+        recs.append({"step": BlockHeal.name, **blocks.options()})
+    if "e2e" in opts.phases:
+        # trained tokens: whole steps of at most opts.batch sequences, so under one more batch than asked
+        recs.append(record(opts.tokens + opts.batch * seqlen, WIDEST_SIG, WIDEST_SIG, widest_seconds))
+    return recs
+
+
 def trimmed_targets(idx: np.ndarray, lp: np.ndarray, new_of_old: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The teacher's top-k over the full vocabulary in a trimmed student's ids: a removed token's
     bin is emptied (log-probability MASKED, id 0) and its mass joins the tail, the one bin the
