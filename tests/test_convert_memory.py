@@ -64,3 +64,44 @@ def test_peak_memory_is_flat_in_depth(checkpoints, tmp_path, options):
     print(f"peak RSS: 6 layers {shallow:.0f} MB, 48 layers {deep:.0f} MB (checkpoint {src_mb:.0f} MB)")
     assert deep - shallow < MARGIN_MB, (shallow, deep, src_mb)
 
+
+
+def test_applied_linears_are_released_before_the_down_projection(tmp_path, monkeypatch):
+    """GPTQ's peak is the down projection's step (its Hessian is the widest): by then the block's
+    other quantized linears have been applied, and their dequantized copies are released (a
+    parallel phi block and a sequential llama block alike). The written file is the same tensor
+    for tensor as with the copies kept."""
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiny_models import make_tiny
+
+    from llmpack.converter import convert
+    from llmpack.converter.quantize import step as qstep
+    from llmpack.formats import Pack
+
+    def tensors(path):
+        p = Pack(path)
+        return {n: {k: np.array(v) for k, v in p.parts(n).items()} for n in p.tensors}
+
+    real = qstep.release_applied
+    for family, gated in (("llama", True), ("phi", False)):
+        make_tiny(family, tmp_path / family)
+        released, files = [], []
+        for release in (False, True):
+            def spy(s, t, prefix, keep, release=release):
+                before = {k for k, v in t.items() if v.ndim == 2 and v.strides != (0, 0)}
+                if release:
+                    real(s, t, prefix, keep)
+                released.append(sorted(k for k in before if t[k].strides == (0, 0)))
+            monkeypatch.setattr(qstep, "release_applied", spy)
+            out = tmp_path / f"{family}-{release}.llmpack"
+            convert(tmp_path / family, out, bits=4, method="gptq", calib_samples=2, calib_seqlen=32, quiet=True)
+            files.append(tensors(out))
+        applied = ["attn.k.weight", "attn.o.weight", "attn.q.weight", "attn.v.weight"] + \
+            (["mlp.gate.weight", "mlp.up.weight"] if gated else ["mlp.up.weight"])
+        n = len(released) // 2
+        assert released[:n] == [[]] * n and released[n:] == [applied] * n, released
+        a, b = files
+        assert a.keys() == b.keys()
+        assert all(np.array_equal(a[t][k], b[t][k]) for t in a for k in a[t])
