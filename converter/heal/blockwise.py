@@ -42,6 +42,9 @@ def block_params(s: Stream, j: int, t: dict, device, latent: bool = False) -> tu
     return p, blk
 
 
+EVAL_ROWS = 4  # sequences per forward when the error is measured (no gradient)
+
+
 def _sig(x) -> float:
     return float(f"{float(x):.6g}")
 
@@ -94,9 +97,9 @@ class BlockHeal(Step):
 
         def full_error():
             with torch.no_grad():
-                return float(np.mean([error(np.arange(a, min(a + o.batch, B))).item() for a in range(0, B, o.batch)]))
+                return float(np.mean([error(np.arange(a, min(a + EVAL_ROWS, B))).item() for a in range(0, B, EVAL_ROWS)]))
 
-        batch = min(o.batch, B)
+        batch = min(o.block_batch, B)
         steps = steps_for(o.tokens, batch, T)
         before = full_error()
         trainer = Trainer(p.groups(o.lr_weight, o.lr_scale, o.lr_float, o.lr_matrix), steps, after_step=p.clamp)
