@@ -11,6 +11,7 @@ checkpointing, so the (tokens x vocabulary) logits never exist for a whole batch
 """
 from __future__ import annotations
 
+import gc
 import sys
 import time
 
@@ -125,7 +126,17 @@ class FileStudent:
                 else:
                     w.add(name, t["type"], t["shape"], pack.parts(name), group_size=t.get("group_size"),
                           nnz=t.get("nnz"))
+            if amend is not None:  # the measurement loads the source model and the file beside us
+                self.release()
             w.finish(header, amend=amend)
+
+    def release(self):
+        """Drop the student's tensors once written (the codes as float32, 4 bytes a weight, and
+        the frozen head); it cannot run afterwards."""
+        for d in (self.p.mods, self.p.vecs, self.p.frozen):
+            d.clear()
+        self.blocks, self.x0 = [], None
+        gc.collect()
 
 
 def record(tokens: int, before: float, after: float, seconds: float) -> dict:
@@ -139,7 +150,8 @@ def heal_file(src, out, ids: np.ndarray, topk: tuple, opts, state, amend=None,
               quiet: bool = False) -> dict:
     """Train `src`'s scales and norms on calibration `ids` (B, T) against the teacher's `topk`
     ((B*T, k) indices and log-probabilities); write `out`. Returns the phase's record and the
-    trained student (whose logits the written file reproduces)."""
+    trained student (whose logits the written file reproduces), or None with `amend` (the
+    measurement): the student's memory goes before it runs."""
     t0 = time.time()
     pack = Pack(src)
     st = FileStudent(pack, ids, opts.device)
@@ -179,4 +191,4 @@ def heal_file(src, out, ids: np.ndarray, topk: tuple, opts, state, amend=None,
     header = {k: v for k, v in pack.header.items() if k not in ("tensors", "format_version", "min_reader")}
     header["recipe"] = list(header.get("recipe", [])) + [rec]
     st.write(out, header, amend)
-    return rec, st
+    return rec, (st if amend is None else None)
