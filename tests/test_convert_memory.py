@@ -65,7 +65,6 @@ def test_peak_memory_is_flat_in_depth(checkpoints, tmp_path, options):
     assert deep - shallow < MARGIN_MB, (shallow, deep, src_mb)
 
 
-
 def test_applied_linears_are_released_before_the_down_projection(tmp_path, monkeypatch):
     """GPTQ's peak is the down projection's step (its Hessian is the widest): by then the block's
     other quantized linears have been applied, and their dequantized copies are released (a

@@ -265,6 +265,9 @@ def test_target_size_with_healing_fits_and_keeps_the_plan(setup, full_vocab_smal
     measured file is still at or under the target (within 2 %); the file holds the planned types
     and its end-to-end KL falls; with a trimmed vocabulary the teacher and the student read the
     same calibration tokens."""
+    from llmpack.converter.heal.run import Healing
+    from llmpack.converter.heal.teacher import Teacher
+
     target = full_vocab_smallest + 6000  # room for the report and healing's records (~2 kB here)
     text = setup["ckpt"].parent / "eval.txt"
     text.write_text(calib_mod.default_text()[60000:64000])
@@ -272,9 +275,6 @@ def test_target_size_with_healing_fits_and_keeps_the_plan(setup, full_vocab_smal
     kw = dict(target_size=str(target), eval_text=str(text), eval_windows=2, eval_ctx=32, **_kw(setup))
     kw["vocab_size"] = 262  # the planner's trimming path, pinned: the calibration text uses removed tokens
     hp = convert(setup["ckpt"], plain, **kw)
-    from llmpack.converter.heal.run import Healing
-    from llmpack.converter.heal.teacher import Teacher
-
     seen = {}
     teacher_pre, finish = Teacher.pre, Healing.finish
     monkeypatch.setattr(Teacher, "pre", lambda self, s, pre: (seen.update(teacher=s.ids), teacher_pre(self, s, pre)))

@@ -82,8 +82,6 @@ LLMPACK_CONFIGS["plan-230MB"] = ["--target-size", "230000000", "--method", "gptq
 # Healing (issue 9): trained against the original on the calibration text (docs/healing.md).
 LLMPACK_CONFIGS["q2-gptq-heal16k"] = ["--bits", "2", "--method", "gptq", "--heal", "--heal-tokens", "16384"]
 LLMPACK_CONFIGS["q3-gptq-heal16k"] = ["--bits", "3", "--method", "gptq", "--heal", "--heal-tokens", "16384"]
-# the same command after phase 1 moved to one sequence a step (session 7; the row above: four)
-LLMPACK_CONFIGS["q3-gptq-heal16k-b1"] = LLMPACK_CONFIGS["q3-gptq-heal16k"]
 LLMPACK_CONFIGS["mlp0.25-q4-gptq-heal8k"] = ["--prune-mlp", "0.25", "--bits", "4", "--method", "gptq", "--heal",
                                              "--heal-tokens", "8192"]
 LLAMACPP_TYPES = ("Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K")

@@ -50,7 +50,8 @@ class HealOptions:
                 raise LlmpackError("--heal-device cuda: torch sees no CUDA GPU here; use --heal-device cpu")
 
     def describe(self) -> dict:
-        return {"tokens": self.tokens, "device": self.device, "batch": self.batch, "block_batch": self.block_batch, "phases": list(self.phases),
+        return {"tokens": self.tokens, "device": self.device, "batch": self.batch, "block_batch": self.block_batch,
+                "phases": list(self.phases),
                 "lr": {"rounding": self.lr_weight, "scale": self.lr_scale, "float": self.lr_float,
                        "matrix": self.lr_matrix, "e2e_scale": self.e2e_lr_scale, "e2e_float": self.e2e_lr_float},
                 "top_k": self.top_k}

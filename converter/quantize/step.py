@@ -28,8 +28,8 @@ def release_applied(s: Stream, t: dict, prefix: str, keep: tuple):
     them. When the down projection's input arrives every linear but the down projection and the
     shortcut has been applied (runtime/numpy_block.BlockMath.run, both block forms), and the
     stream writes a quantized tensor from its stored parts, so each copy becomes a zero-byte
-    placeholder of its shape. Measured at the Qwen2.5-7B width: these copies are 0.66 GB of a
-    4.4 GB peak that falls while the down projection's 18944-wide Hessian is alive (docs/scale.md)."""
+    placeholder of its shape. At the Qwen2.5-7B width these copies were 0.66 GB of the 4.43 GB
+    peak, reached while the down projection's 18944-wide Hessian is alive: 3.89 GB since (docs/scale.md)."""
     for short, arr in t.items():
         if short.endswith(".weight") and short not in keep and prefix + short in s.parts and arr.ndim == 2:
             t[short] = np.broadcast_to(np.zeros((), arr.dtype), arr.shape)
