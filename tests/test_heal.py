@@ -11,7 +11,7 @@ the same file; bad options are one-line errors.
 import numpy as np
 import pytest
 
-from tiny_models import FAMILIES, hf_logits
+from tiny_models import FAMILIES, hf_logits, stored_parts
 from refusals import assert_convert_refuses
 
 torch = pytest.importorskip("torch")
@@ -44,11 +44,6 @@ def kld(path, model):
         q = torch.log_softmax(torch.from_numpy(m.logits(row.tolist())).double(), -1)
         out.append(float((p.exp() * (p - q)).sum(-1).mean()))
     return float(np.mean(out))
-
-
-def tensors(path):
-    p = Pack(path)
-    return {n: {k: bytes(v) for k, v in p.parts(n).items()} for n in p.tensors}
 
 
 # -- the training executor is the runtime ------------------------------------------------------------
@@ -125,7 +120,7 @@ def test_healing_lowers_held_out_kld_and_each_block_error(family, options, tiny_
         assert a < b
     if "bits" in options:  # (a pruned f16 file has only its norms to train end to end)
         assert steps["heal_e2e"]["kl"]["after"] < steps["heal_e2e"]["kl"]["before"]
-    sizes = [{n: {k: len(v) for k, v in parts.items()} for n, parts in tensors(f).items()} for f in (plain, healed)]
+    sizes = [{n: {k: len(v) for k, v in parts.items()} for n, parts in stored_parts(f).items()} for f in (plain, healed)]
     assert sizes[0] == sizes[1]  # the same storage, tensor for tensor: healing changes values only
     assert not (tmp_path / "healed.llmpack.heal").exists()  # checkpoints go once the file is in place
 
@@ -182,7 +177,7 @@ def test_the_written_file_is_the_trained_student(tiny_ckpts, tmp_path):
         m = load(out, backend=backend, **({"accuracy_level": 0} if backend == "onnxruntime" else {}))
         shipped = np.stack([m.logits(r.tolist()) for r in ids])
         assert np.abs(shipped - trained).max() <= 1e-4 * np.abs(trained).max(), backend
-    assert tensors(out).keys() == tensors(src).keys()
+    assert stored_parts(out).keys() == stored_parts(src).keys()
 
 
 # -- resumable -----------------------------------------------------------------------------------------
@@ -231,7 +226,7 @@ def test_a_killed_run_resumes_to_the_same_file(tiny_ckpts, tmp_path, monkeypatch
     assert (tmp_path / "resumed.llmpack.heal" / "e2e.npz").is_file()
     monkeypatch.setattr(train_mod.Trainer, "step", step)
     convert(folder, out, quiet=True, **options)
-    assert tensors(out) == tensors(whole)
+    assert stored_parts(out) == stored_parts(whole)
     assert not (tmp_path / "resumed.llmpack.heal").exists()
 
 

@@ -3,6 +3,7 @@ under the target and within 2 % of it, the frontier, the recorded plan, option e
 import re
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -39,6 +40,11 @@ def _plan_record(header):
     return next(r for r in header["recipe"] if r["step"] == "plan")
 
 
+def _written_types(header) -> dict:
+    """The quantized tensors' types as the plan record counts them ("q4g32": n)."""
+    return dict(Counter(f"{t['type']}g{t['group_size']}" for t in header["tensors"] if t["type"].startswith("q")))
+
+
 def test_parse_size_forms():
     assert plan_mod.parse_size("126MB").nbytes == 126_000_000
     assert plan_mod.parse_size("120MiB").nbytes == 120 * 2**20
@@ -62,13 +68,7 @@ def test_file_at_or_under_target_and_within_2_percent(fraction, setup, tmp_path)
     assert rec["target_bytes"] == target
     assert size <= rec["planned_bytes"] <= target  # the plan is an upper bound of the written size
     assert size >= 0.98 * target, (size, target)
-    # the file holds the choice the record names
-    hist = {}
-    for t in h["tensors"]:
-        if t["type"].startswith("q"):
-            key = f"{t['type']}g{t['group_size']}"
-            hist[key] = hist.get(key, 0) + 1
-    assert hist == rec["types"]
+    assert _written_types(h) == rec["types"]  # the file holds the choice the record names
     logits = load(out, backend="numpy").logits(list(range(3, 20)))
     assert np.isfinite(logits).all()
 
@@ -286,11 +286,7 @@ def test_target_size_with_healing_fits_and_keeps_the_plan(setup, full_vocab_smal
     assert 0.98 * target <= healed.stat().st_size <= target
     steps = [r["step"] for r in hh["recipe"]]
     assert steps[0] == "plan" and "vocab" in steps and steps[-2:] == ["heal_blocks", "heal_e2e"], steps
-    hist = {}
-    for t in hh["tensors"]:
-        if t["type"].startswith("q"):
-            hist[f"{t['type']}g{t['group_size']}"] = hist.get(f"{t['type']}g{t['group_size']}", 0) + 1
-    assert hist == _plan_record(hh)["types"]  # healing trains scales and norms, never a type
+    assert _written_types(hh) == _plan_record(hh)["types"]  # healing trains scales and norms, never a type
     # what healing's records cost: the same target without it plans a little more
     assert _plan_record(hh)["planned_bytes"] <= _plan_record(hp)["planned_bytes"]
     kl = hh["recipe"][-1]["kl"]

@@ -1,7 +1,8 @@
 """Tiny random checkpoints of every supported family, built with transformers' config classes.
 
 One shared factory (as mlx-lm's tests do): each test asks for a family and gets a saved
-checkpoint folder plus the transformers model that serves as the oracle.
+checkpoint folder plus the transformers model that serves as the oracle; and `stored_parts`,
+for tests that compare written files tensor for tensor.
 """
 from __future__ import annotations
 
@@ -92,3 +93,11 @@ def load_hf(folder: Path):
     import transformers
 
     return transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def stored_parts(path) -> dict:
+    """A pack's tensors as written: name -> {part: bytes}, for comparing two files exactly."""
+    from llmpack.formats import Pack
+
+    p = Pack(path)
+    return {n: {k: bytes(v) for k, v in p.parts(n).items()} for n in p.tensors}
