@@ -71,6 +71,9 @@ def _quantization_options(p: argparse.ArgumentParser):
     q.add_argument("--keep-vocab", action="store_true",
                    help="--target-size/--plan-only: keep every token (by default the planner also weighs "
                         "trimming the vocabulary, measured on calibration text)")
+    q.add_argument("--keep-structure", action="store_true",
+                   help="--target-size/--plan-only: keep every block and neuron (by default the planner also "
+                        "weighs dropping blocks and pruning MLP neurons, measured on calibration text)")
     q.add_argument("--sensitivity", metavar="FILE",
                    help="--target-bpw/--target-size: keep the measured per-tensor sensitivity in FILE and reuse it "
                         "when FILE matches this checkpoint, calibration and options (another target then skips "
@@ -172,7 +175,8 @@ def main(argv) -> int:
                 prune_heads=args.prune_heads, drop_layers=args.drop_layers, sparsity=args.sparsity,
                 heal=args.heal, heal_tokens=args.heal_tokens, heal_device=args.heal_device,
                 vocab_size=args.vocab_size, vocab_from=args.vocab_from,
-                target_size=args.target_size, plan_only=args.plan_only, keep_vocab=args.keep_vocab, tie_head=args.tie_head)
+                target_size=args.target_size, plan_only=args.plan_only, keep_vocab=args.keep_vocab, tie_head=args.tie_head,
+                keep_structure=args.keep_structure)
     except KeyboardInterrupt:
         kept = Path(args.output + ".heal")
         if args.heal and kept.is_dir():

@@ -102,21 +102,16 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
                           layers=list(range(r.model["n_layers"])),
                           inv_freq={k.split(".")[1]: v for k, v in r.extra.items() if k.startswith("rope.")})
     allocation = _allocate(r, s, recipe, calib_info, quiet) if opts.target_bpw is not None else None
-    planned = None
+    planned, planned_done = None, []
     if opts.target_size is not None:  # --target-size / --plan-only (converter/plan.py)
-        from . import plan
-
-        planned, trim, recipe.tie_head = plan.run(r, s, recipe, calib_info, _header(r, recipe, calib_info, [], None),
-                                                  out, eval_src[1] if eval_src is not None else None, quiet)
+        planned, trim, planned_done = _plan(r, s, recipe, calib_info, out, eval_src, quiet)
         if recipe.plan_only:
             return planned
-        if trim is not None:  # the planner trimmed the vocabulary: calibrate on the trimmed tokenizer's tokens
-            r.tokenizer = (r.tokenizer[0], r.tokenizer[1], trim.blob)
-            ids = s.ids = trim.kept[_calibration(recipe, r.tokenizer)[0]]
+        ids = s.ids
     steps, done = _steps(recipe, s, quiet)
     if trim is not None:
         steps.insert(0, vocab_trim.VocabTrimStep(trim))
-    done = ([planned] if planned else []) + done
+    done = planned_done + done
     header = _header(r, recipe, calib_info, done, allocation)
     if trim is not None:
         header.update(generation=trim.generation, config=trim.config)
@@ -145,7 +140,9 @@ def convert(src, out, quiet: bool = False, recipe: Recipe | None = None, **optio
               file=sys.stderr)
     header = _read_header(out)
     if planned:
-        plan.check_written(out, header, quiet)
+        from .plan import check_written
+
+        check_written(out, header, quiet)
     return header
 
 
@@ -200,6 +197,38 @@ def _allocate(r: Source, s, recipe: Recipe, calib_info, quiet: bool) -> dict:
                                       quiet=quiet, cache=recipe.sensitivity_file, calib_info=calib_info)
     s.types.update(allocation["types"])
     return allocation
+
+
+def _plan(r: Source, s, recipe: Recipe, calib_info, out, eval_src, quiet: bool) -> tuple[dict, object, list]:
+    """--target-size / --plan-only: (the plan record, or the frontier with --plan-only; the
+    vocabulary trim chosen, or None; the records of the plan and of what it applied before the
+    stream). The choices go into `s` (types, blocks, calibration ids), `r` (tokenizer) and
+    `recipe` (tied head, MLP pruning)."""
+    from . import plan
+
+    planned, trim, recipe.tie_head, structure = plan.run(r, s, recipe, calib_info,
+                                                         _header(r, recipe, calib_info, [], None), out,
+                                                         eval_src[1] if eval_src is not None else None, quiet)
+    if recipe.plan_only:
+        return planned, None, []
+    done = [planned] + _planned_structure(s, recipe, structure)
+    if trim is not None:  # the planner trimmed the vocabulary: calibrate on the trimmed tokenizer's tokens
+        r.tokenizer = (r.tokenizer[0], r.tokenizer[1], trim.blob)
+        s.ids = trim.kept[_calibration(recipe, r.tokenizer)[0]]
+    return planned, trim, done
+
+
+def _planned_structure(s, recipe: Recipe, structure) -> list:
+    """Apply the planner's structure (plan_structure.Structure): its blocks dropped now (the
+    choice measured while planning), its MLP pruning as the stream's prune step; returns the
+    layer dropping's record."""
+    if structure.mlp:
+        recipe.structure.prune_mlp = structure.mlp
+    if not structure.dropped:
+        return []
+    layer_drop.apply(s, structure.kept(len(s.model["layers"])))
+    return [{"step": "drop_layers", "count": len(structure.dropped), "dropped": [list(d) for d in structure.dropped],
+             "seconds": 0.0}]
 
 
 def _header(r: Source, recipe: Recipe, calib_info, done: list, allocation) -> dict:

@@ -37,6 +37,7 @@ import numpy as np
 from llmpack.formats.errors import LlmpackError
 from llmpack.formats.spec import ALIGN, FORMAT_VERSION, PREFIX_SIZE, READER_FOR_VERSION, align, part_layout
 
+from .plan_structure import Structure
 from .quantize import sensitivity
 from .quantize.options import is_quantized
 
@@ -134,6 +135,7 @@ class Plan:
     vocab: object = None  # plan_vocab.VocabChoice (None: the vocabulary is not searched)
     shapes: dict | None = None  # tensor shapes under this vocabulary
     tie_damage: float | None = None  # the head tied to the embedding (nats per byte); None: untied
+    structure: Structure = Structure()  # blocks dropped / MLP neurons pruned (plan_structure.py)
 
     def damage(self, choice, scale) -> float:
         """Predicted damage in nats per byte of text: quantization's KL per token over the bytes a
@@ -158,7 +160,8 @@ class Plan:
         return self.fixed + sum(self.costs[n][c] for n, c in choice.items())
 
     def kld(self, choice) -> float:
-        return sum(self.damages[n][c] for n, c in choice.items())
+        """Predicted KL per token: the chosen options' damages plus the structure's measured one."""
+        return sum(self.damages[n][c] for n, c in choice.items()) + self.structure.damage
 
     def bits_per_weight(self, choice, shapes, opts) -> float:
         bits = self.fixed_bits + sum(sensitivity.tensor_bits(b, shapes[n], g, opts.sym(b))
@@ -199,6 +202,8 @@ def record(target: SizeTarget, target_bytes, plan: Plan, choice: dict, shapes, o
         rec["predicted_bpb_ratio"] = round(1 + plan.damage(choice, scale) / scale.nll_per_byte, 6)
     rec["tie_head"] = ({"damage_nats_per_byte": round(plan.tie_damage, 6)} if plan.tie_damage is not None
                        else False)
+    if not plan.structure.none:
+        rec["structure"] = plan.structure.record()
     return rec
 
 
@@ -209,7 +214,7 @@ def make_plans(r, s, recipe, calib_info, header: dict, quiet: bool = False,
 
     `r` the convert.Source, `s` the stream (its `types` is the write plan), `header` the header
     as convert.py builds it before the plan (recipe records of earlier steps included)."""
-    from . import plan_vocab
+    from . import plan_structure, plan_vocab
     from .steps import tie_head
 
     opts = recipe.quant
@@ -225,16 +230,33 @@ def make_plans(r, s, recipe, calib_info, header: dict, quiet: bool = False,
         if recipe.vocab.active:
             vocabs = vocabs[1:]  # --vocab-size / --vocab-from: that vocabulary only
     ties = [True] if recipe.tie_head else [False, True] if tie_ok else [False]
-    return [_lay_out(r, s, recipe, header, free, damages, reused, v, tie_damage if tie else None, eval_text_name)
-            for v in vocabs for tie in ties], scale
+    structures = plan_structure.measure(r, s, recipe, quiet)
+    return [_lay_out(r, s, recipe, header, free, damages, reused, v, tie_damage if tie else None, eval_text_name, st)
+            for v in vocabs for tie in ties for st in structures], scale
 
 
-def _variant(r, header: dict, free: list, damages: dict, vocab, tie_damage):
-    """Shapes, tokenizer blob, header, choices and damages of the source under a vocabulary trim
-    and/or a tied head, and the records of those steps (they run before quantize)."""
+def _variant(r, header: dict, free: list, damages: dict, vocab, tie_damage, structure: Structure, opts):
+    """Shapes, tokenizer blob, header, choices and damages of the source under a structure, a
+    vocabulary trim and/or a tied head (names as the file numbers its blocks), and the records of
+    those steps (they run before quantize)."""
+    from .plan_structure import scaled_damages
     from .steps.vocab_trim import VocabTrimStep
 
     shapes, tok_name, tok_blob, between = dict(r.shapes), r.tokenizer[1], r.tokenizer[2], []
+    if not structure.none:
+        n = header["model"]["n_layers"]
+        shapes = structure.shapes(r.shapes, n)
+        damages = scaled_damages(structure, damages, r.shapes, shapes, n, lambda sh: sensitivity.candidates(sh, opts))
+        free = [f for f in structure.renamed({f: f for f in free}, n)]
+        kept = structure.kept(n)
+        header = dict(header, model=dict(header["model"], layers=[header["model"]["layers"][i] for i in kept],
+                                         n_layers=len(kept)))
+        if structure.dropped:
+            between.append({"step": "drop_layers", "count": len(structure.dropped),
+                            "dropped": [[i, WIDEST_FRACTION] for i, _ in structure.dropped], "seconds": WIDEST_SECONDS})
+        if structure.mlp:
+            between.append({"step": "prune", "heads": 0, "mlp": structure.mlp, "removed_kv_groups": 0,
+                            "removed_neurons": structure.removed_neurons(r.shapes, n)})
     trim = vocab.trim if vocab is not None else None
     if trim is not None:
         for name in ("embed.weight", "head.weight", "head.bias"):
@@ -257,12 +279,15 @@ def _variant(r, header: dict, free: list, damages: dict, vocab, tie_damage):
 
 
 def _lay_out(r, s, recipe, header: dict, free: list, damages: dict, reused: bool, vocab, tie_damage,
-             eval_text_name) -> Plan:
+             eval_text_name, structure: Structure = Structure()) -> Plan:
     """Every byte of the file but the choices', under vocabulary `vocab` (None: as the source),
-    with the head tied to the embedding when `tie_damage` is not None (its damage per byte)."""
+    with the head tied to the embedding when `tie_damage` is not None (its damage per byte), after
+    `structure` (blocks dropped, MLP neurons pruned)."""
     opts = recipe.quant
+    n_layers = header["model"]["n_layers"]
     shapes, tok_name, tok_blob, header, free, damages, between = _variant(r, header, free, damages, vocab,
-                                                                          tie_damage)
+                                                                          tie_damage, structure, opts)
+    types = structure.renamed(s.types, n_layers)  # --keep'd matrices, as the file numbers its blocks
     # directory offsets have at most the digits of an upper bound of the data region's end
     all_shapes = list(shapes.values()) + [a.shape for a in r.extra.values()]
     upper = PREFIX_SIZE + align(len(tok_blob)) + sum(align(math.prod(shape) * 4) + 4 * ALIGN for shape in all_shapes)
@@ -273,16 +298,16 @@ def _lay_out(r, s, recipe, header: dict, free: list, damages: dict, reused: bool
     for name, shape in shapes.items():
         if name in free:
             continue
-        if name in s.types:
-            fixed += layout.kind(name, s.types[name], shape, opts)
-            kind = s.types[name]
+        if name in types:
+            fixed += layout.kind(name, types[name], shape, opts)
+            kind = types[name]
             fixed_bits += (sensitivity.tensor_bits(kind[0], shape, kind[1], opts.sym(kind[0])) if is_quantized(kind)
                            else math.prod(shape) * {"f32": 32, "f16": 16, "bf16": 16}[kind])
         else:
             fixed += layout.tensor(name, _float_type(name, shape, s.float_dtype), shape)
     costs = _costs(layout, free, shapes, opts)
-    weights = sum(math.prod(shapes[n]) for n in s.types if n in shapes)
-    plan = Plan(0, costs, damages, weights, fixed_bits, reused, vocab, shapes, tie_damage)
+    weights = sum(math.prod(shapes[n]) for n in types if n in shapes)
+    plan = Plan(0, costs, damages, weights, fixed_bits, reused, vocab, shapes, tie_damage, structure)
     bound = {"step": "plan", "target_size": opts.target_size.text or "", "target_bytes": upper,
              "planned_bytes": upper, "predicted_kld": WIDEST_FRACTION, "bits_per_weight": WIDEST_FRACTION,
              "types": {f"q{b}g{g}": len(free) for b, g in {c for d in costs.values() for c in d}},
@@ -291,6 +316,11 @@ def _lay_out(r, s, recipe, header: dict, free: list, damages: dict, reused: bool
         bound["vocab"] = {"size": upper, "damage_nats_per_byte": WIDEST_FRACTION}
     bound["predicted_bpb_ratio"] = WIDEST_FRACTION  # recorded whenever the vocabulary or the head was measured
     bound["tie_head"] = {"damage_nats_per_byte": WIDEST_FRACTION} if tie_damage is not None else False
+    if not structure.none:
+        bound["structure"] = {"dropped": [i for i, _ in structure.dropped], "mlp": structure.mlp,
+                              "damage": WIDEST_FRACTION}
+    if eval_text_name is not None and recipe.eval_text is not None:
+        between = [_probed(b, eval_text_name) for b in between]
     if recipe.heal is not None:  # healing runs after the plan is fixed; its records are set aside
         from .heal.run import record_bounds
 
@@ -298,6 +328,17 @@ def _lay_out(r, s, recipe, header: dict, free: list, damages: dict, reused: bool
     plan.fixed = fixed + _header_bytes(header, opts, bound, eval_text_name if recipe.eval_text is not None else None,
                                        between)
     return plan
+
+
+def _probed(rec: dict, eval_text_name: str) -> dict:
+    """A step record with the quality figures --eval's probes add after it (step_quality.py), at their widest."""
+    from .step_quality import MEASURED_AFTER
+
+    if rec["step"] not in MEASURED_AFTER:
+        return rec
+    quality = {k: WIDEST_FRACTION for k in ("kld", "top1", "ppl_ratio", "bpb_ratio")}
+    quality.update(windows=99999, ctx=9999999, text=eval_text_name, reference="source (converter's float32 blocks)")
+    return dict(rec, quality=quality)
 
 
 def _score(plan: Plan, choice: dict, scale) -> float:
@@ -311,13 +352,15 @@ def choose(plans: list, scale, target: SizeTarget, target_bytes: int, quiet: boo
     if not reachable:
         low = min(plans, key=lambda p: p.smallest)
         how = "every matrix at 2 bits, largest groups" + (
-            f", the vocabulary trimmed to {low.vocab.size:,} tokens" if low.vocab is not None and low.vocab.size else "")
+            f", the vocabulary trimmed to {low.vocab.size:,} tokens" if low.vocab is not None and low.vocab.size else "") + (
+            "" if low.structure.none else f", structure {low.structure.label()}")
         raise LlmpackError(f"--target-size {target.text} ({target_bytes:,} bytes) is below the smallest reachable "
                            f"file, {low.smallest:,} bytes ({_mb(low.smallest)}: {how}); raise the target")
     best = None
     for p in reachable:
         choice = p.solve(target_bytes)
-        if best is None or _score(p, choice, scale) < _score(best[0], best[1], scale):
+        # equal damage (a block that is the identity, dead neurons): the smaller file
+        if best is None or (_score(p, choice, scale), p.size(choice)) < (_score(*best, scale), best[0].size(best[1])):
             best = (p, choice)
     if target_bytes >= best[0].largest and not quiet:
         print(f"plan: --target-size {target.text} ({target_bytes:,} bytes) is at or above the largest useful file "
@@ -338,7 +381,8 @@ def frontier(plans: list, scale, opts, points: int = FRONTIER_POINTS) -> list[di
             plan, choice = best
         best = (plan, choice)
         row = {"target_bytes": nbytes, "planned_bytes": plan.size(choice), "predicted_kld": plan.kld(choice),
-               "bits_per_weight": plan.bits_per_weight(choice, plan.shapes, opts), "types": histogram(choice)}
+               "bits_per_weight": plan.bits_per_weight(choice, plan.shapes, opts), "types": histogram(choice),
+               "structure": plan.structure.label()}
         if scale is not None:
             row.update(vocab=plan.vocab.size if plan.vocab is not None else None, tied=plan.tie_damage is not None,
                        predicted_bpb_ratio=1 + plan.damage(choice, scale) / scale.nll_per_byte)
@@ -356,7 +400,7 @@ def print_frontier(rows: list[dict], bf16_bytes: int, file=None):
     file = file or sys.stdout
     vocab = any("vocab" in r for r in rows)
     print(f"{'target bytes':>14} {'planned bytes':>14} {'MB':>9} {'x bf16':>7} {'bits/w':>7} {'pred. KLD':>10}"
-          + (f" {'vocab':>11} {'pred. bpb':>9}" if vocab else "") + "  types", file=file)
+          + (f" {'vocab':>11} {'pred. bpb':>9}" if vocab else "") + f" {'structure':>12}  types", file=file)
     for r in rows:
         extra = ""
         if vocab:
@@ -364,7 +408,8 @@ def print_frontier(rows: list[dict], bf16_bytes: int, file=None):
             extra = f" {v:>11} {r['predicted_bpb_ratio']:>8.4f}x"
         print(f"{r['target_bytes']:>14,d} {r['planned_bytes']:>14,d} {r['planned_bytes'] / 1e6:>9.3f} "
               f"{bf16_bytes / r['planned_bytes']:>6.2f}x {r['bits_per_weight']:>7.3f} {r['predicted_kld']:>10.4g}"
-              + extra + "  " + " ".join(f"{k}:{v}" for k, v in r["types"].items()), file=file)
+              + extra + f" {r.get('structure', 'whole'):>12}  " + " ".join(f"{k}:{v}" for k, v in r["types"].items()),
+              file=file)
 
 
 def write_png(rows: list[dict], path, title: str) -> str | None:
@@ -411,19 +456,22 @@ def plan_only(plans: list, scale, r, recipe, out, target_bytes, quiet: bool = Fa
 
 
 def run(r, s, recipe, calib_info, header: dict, out, eval_text_name,
-        quiet: bool = False) -> tuple[dict, object, bool]:
+        quiet: bool = False) -> tuple[dict, object, bool, Structure]:
     """convert.py's planning step: with --plan-only the frontier (returned; no pack), else the
-    choice for --target-size written into the stream's plan (`s.types`), its recipe record, the
-    vocabulary trim it chose (tokenizer_trim.TrimPlan, or None for the full vocabulary) and
-    whether it ties the head."""
+    choice for --target-size written into the stream's plan (`s.types`, named as the file numbers
+    its blocks), its recipe record, the vocabulary trim it chose (tokenizer_trim.TrimPlan, or None
+    for the full vocabulary), whether it ties the head, and the structure convert.py applies."""
     target = recipe.quant.target_size
     if recipe.plan_only and not Path(out).parent.is_dir():  # before the measurement, not after
         raise LlmpackError(f"output folder {Path(out).parent} does not exist (the plot goes there); create it first")
     plans, scale = make_plans(r, s, recipe, calib_info, header, quiet, eval_text_name)
     target_bytes = target.resolve(source_bf16_bytes(r.ckpt)) if target.text is not None else None
     if recipe.plan_only:
-        return plan_only(plans, scale, r, recipe, out, target_bytes, quiet), None, False
+        return plan_only(plans, scale, r, recipe, out, target_bytes, quiet), None, False, Structure()
     plan, choice = choose(plans, scale, target, target_bytes, quiet)
+    renamed = plan.structure.renamed(s.types, r.model["n_layers"])
+    s.types.clear()
+    s.types.update(renamed)
     s.types.update(choice)
     rec = record(target, target_bytes, plan, choice, r.shapes, recipe.quant, scale)
     if not quiet:
@@ -431,10 +479,11 @@ def run(r, s, recipe, calib_info, header: dict, out, eval_text_name,
             f"vocabulary {'full' if plan.vocab is None or plan.vocab.size is None else f'{plan.vocab.size:,} tokens'}"
             f"{', head tied' if plan.tie_damage is not None else ''}, predicted bits/byte ratio "
             f"{rec['predicted_bpb_ratio']:.4f}; ")
+        st = "" if plan.structure.none else f"structure {plan.structure.label()}; "
         print(f"plan: {target.text} = {target_bytes:,} bytes; planned {rec['planned_bytes']:,} bytes, "
-              f"{rec['bits_per_weight']:.3f} bits/weight, predicted KLD {rec['predicted_kld']:.5f}; {vocab}"
+              f"{rec['bits_per_weight']:.3f} bits/weight, predicted KLD {rec['predicted_kld']:.5f}; {vocab}{st}"
               + " ".join(f"{k}:{v}" for k, v in rec["types"].items()), file=sys.stderr)
-    return rec, plan.vocab.trim if plan.vocab is not None else None, plan.tie_damage is not None
+    return rec, plan.vocab.trim if plan.vocab is not None else None, plan.tie_damage is not None, plan.structure
 
 
 def check_written(out, header: dict, quiet: bool = False):

@@ -23,7 +23,6 @@ from would look free. It stays optimistic for text unlike the calibration text
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from llmpack.formats.errors import LlmpackError
+
+from . import json_cache
 
 SHARES = (0.5, 0.25, 0.1, 0.05)  # of the removable tokens kept, per candidate
 WINDOWS = 4  # calibration text windows of at most the calibration length, scored per candidate
@@ -122,7 +123,7 @@ def measure(r, recipe, plans: list, tie: bool, quiet: bool = False, cache=None) 
 
     text, _, _ = _split(recipe)
     key = _key(r, plans, text, recipe.quant.calib_seqlen, tie)
-    found = _read(cache, key)
+    found = json_cache.load(cache, key)
     if found is not None:
         if not quiet:
             print(f"plan: reused the vocabulary and head measurement in {cache}", file=sys.stderr)
@@ -157,7 +158,7 @@ def measure(r, recipe, plans: list, tie: bool, quiet: bool = False, cache=None) 
                          for a in accs],
              "bytes_per_token": bpt, "nll_per_byte": LN2 * ref_bits / max(ref_bytes, 1),
              "tie_kld_per_token": tie_acc.report()["kld"] if tie_acc.n else None}
-    _write(cache, key, value)
+    json_cache.store(cache, key, value)
     return _measured(plans, value)
 
 
@@ -214,24 +215,3 @@ def _key(r, plans, text: str, seqlen: int, tie: bool) -> dict:
 def cache_path(sensitivity_file) -> Path | None:
     """The vocabulary measurement is kept beside --sensitivity FILE (FILE.vocab.json)."""
     return None if sensitivity_file is None else Path(str(sensitivity_file) + ".vocab.json")
-
-
-def _read(path, key):
-    if path is None or not Path(path).is_file():
-        return None
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data.get("value") if data.get("key") == key else None
-
-
-def _write(path, key, value):
-    if path is None:
-        return
-    tmp = Path(str(path) + ".tmp")
-    try:
-        tmp.write_text(json.dumps({"key": key, "value": value}))
-        tmp.replace(path)
-    except OSError as e:
-        raise LlmpackError(f"cannot write {path}: {e.strerror}")

@@ -82,8 +82,9 @@ LLMPACK_CONFIGS["plan-230MB"] = ["--target-size", "230000000", "--method", "gptq
 # Healing (issue 9): trained against the original on the calibration text (docs/healing.md).
 LLMPACK_CONFIGS["q2-gptq-heal16k"] = ["--bits", "2", "--method", "gptq", "--heal", "--heal-tokens", "16384"]
 LLMPACK_CONFIGS["q3-gptq-heal16k"] = ["--bits", "3", "--method", "gptq", "--heal", "--heal-tokens", "16384"]
-LLMPACK_CONFIGS["mlp0.25-q4-gptq-heal8k"] = ["--prune-mlp", "0.25", "--bits", "4", "--method", "gptq", "--heal",
-                                             "--heal-tokens", "8192"]
+for _k in (8, 16):
+    LLMPACK_CONFIGS[f"mlp0.25-q4-gptq-heal{_k}k"] = ["--prune-mlp", "0.25", "--bits", "4", "--method", "gptq", "--heal",
+                                                   "--heal-tokens", str(_k * 1024)]
 LLAMACPP_TYPES = ("Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K")
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",

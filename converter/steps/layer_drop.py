@@ -20,6 +20,7 @@ from ..stream import Stream
 
 CANDIDATES = 3  # blocks measured per round (lowest block influence first)
 MAX_TOKENS = 1024  # calibration tokens used for the choice
+KL_CHUNK = 128  # tokens whose full next-token distributions are held at once
 
 
 def _log_softmax(z):
@@ -27,8 +28,9 @@ def _log_softmax(z):
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-class _Model:
-    """The float model over the calibration slice, runnable from any block with any subset."""
+class FloatModel:
+    """The float model over the calibration slice, runnable from any block with any subset
+    (also the structure planner's, converter/plan_structure.py)."""
 
     def __init__(self, s: Stream, ids):
         self.s, self.ids = s, ids
@@ -42,30 +44,41 @@ class _Model:
         self.blocks = {i: s.source.layer(i) for i in s.layers}
 
     def run_from(self, x, kept: list, start: int) -> tuple[np.ndarray, list]:
-        """Run blocks kept[start:] on x; returns (log-probabilities, inputs of each block run)."""
+        """Run blocks kept[start:] on x; returns (the last block's output, inputs of each block run)."""
         inputs = []
         for k in range(start, len(kept)):
             inputs.append(x)
             i = kept[k]
             x = _runner(self.s, i, self.blocks[i]).run(x)
         inputs.append(x)
-        h = final_hidden(self.s.model["norm"], self.s.spec.norm_eps, x, self.post)
+        return x, inputs
+
+    def log_probs(self, x) -> np.ndarray:
+        """Next-token log-probabilities (tokens, V), float64, of last-block outputs x (..., D)."""
+        h = final_hidden(self.s.model["norm"], self.s.spec.norm_eps, x.reshape(-1, x.shape[-1]), self.post)
         logits = h @ self.head.T
         if self.head_bias is not None:
             logits = logits + self.head_bias
         cap = self.s.spec.final_softcap
         if cap:
             logits = np.tanh(logits / cap) * cap
-        return _log_softmax(logits.reshape(-1, logits.shape[-1]).astype(np.float64)), inputs
+        return _log_softmax(logits.astype(np.float64))
+
+    def kld(self, ref, x, chunk: int = KL_CHUNK) -> float:
+        """Mean KL(original || model) per token between two sets of last-block outputs, `chunk`
+        tokens at a time: the full log-probabilities of 1024 tokens over Qwen's 151,936 tokens
+        would be 1.2 GB each in float64 (the planner peaked at 8.0 GB holding three)."""
+        ref, x = ref.reshape(-1, ref.shape[-1]), x.reshape(-1, x.shape[-1])
+        total = 0.0
+        for a in range(0, len(ref), chunk):
+            r = self.log_probs(ref[a:a + chunk])
+            total += float((np.exp(r) * (r - self.log_probs(x[a:a + chunk]))).sum())
+        return total / len(ref)
 
 
 def _runner(s: Stream, i: int, t: dict):
     shapes = {f"layers.{i}.{k}": v.shape for k, v in t.items()}
     return LayerRunner(s.spec, describe_block(s.model, i, shapes, t["attn.q.weight"].shape[1]), t, s.inv_freq)
-
-
-def kld(ref_logp: np.ndarray, logp: np.ndarray) -> float:
-    return float((np.exp(ref_logp) * (ref_logp - logp)).sum(axis=-1).mean())
 
 
 def block_influence(inputs: list) -> np.ndarray:
@@ -78,11 +91,16 @@ def block_influence(inputs: list) -> np.ndarray:
     return np.array(out)
 
 
-def choose(s: Stream, n_drop: int, quiet: bool = False) -> tuple[list, list]:
-    """(kept source block indices, [(dropped index, measured KLD)]) after n_drop rounds."""
-    ids = s.ids
+def calibration_slice(ids: np.ndarray) -> np.ndarray:
+    """The calibration rows the choice is measured on (MAX_TOKENS of them at most)."""
     rows = max(1, min(len(ids), MAX_TOKENS // ids.shape[1]))
-    m = _Model(s, ids[:rows, : min(ids.shape[1], MAX_TOKENS)])
+    return ids[:rows, : min(ids.shape[1], MAX_TOKENS)]
+
+
+def choose(s: Stream, n_drop: int, quiet: bool = False, m: FloatModel | None = None) -> tuple[list, list]:
+    """(kept source block indices, [(dropped index, measured KLD)]) after n_drop rounds; `m` a
+    FloatModel already loaded on calibration_slice(s.ids), else one is loaded."""
+    m = m or FloatModel(s, calibration_slice(s.ids))
     kept = list(s.layers)
     ref, inputs = m.run_from(m.x0, kept, 0)
     progress = Progress("drop layers", n_drop, quiet=quiet)
@@ -92,8 +110,8 @@ def choose(s: Stream, n_drop: int, quiet: bool = False) -> tuple[list, list]:
         best = None
         for k in np.argsort(bi, kind="stable")[:CANDIDATES]:
             trial = kept[:k] + kept[k + 1:]
-            logp, _ = m.run_from(inputs[k], trial, int(k))
-            d = kld(ref, logp)
+            out, _ = m.run_from(inputs[k], trial, int(k))
+            d = m.kld(ref, out)
             if best is None or d < best[0]:
                 best = (d, int(k))
         d, k = best
@@ -109,7 +127,13 @@ def choose(s: Stream, n_drop: int, quiet: bool = False) -> tuple[list, list]:
 def drop_layers(s: Stream, n_drop: int, quiet: bool = False) -> list:
     """Choose and apply: the stream then skips the dropped blocks; returns [[index, KLD], ...]."""
     kept, dropped = choose(s, n_drop, quiet=quiet)
-    s.layers = kept
+    apply(s, kept)
+    return [list(d) for d in dropped]
+
+
+def apply(s: Stream, kept: list):
+    """Keep only the source blocks `kept` (in order): the stream skips the others, the model
+    description loses their entries."""
+    s.layers = list(kept)
     s.model["layers"] = [s.model["layers"][i] for i in kept]
     s.model["n_layers"] = len(kept)
-    return [list(d) for d in dropped]

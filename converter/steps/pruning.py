@@ -107,17 +107,23 @@ class PruneStep(Step):
         self.removed["heads"] += n
 
     def prune_mlp(self, s: Stream, j: int, t: dict, x):
-        F = t["mlp.up.weight"].shape[0]
-        n = min(int(round(F * self.mlp)), F - 1)
-        if n <= 0:
-            return
-        U = stage_input(s, j, t, x, "down_in")
-        keep = keep_top(mlp_scores(t, U), n)
-        compensate(t, "mlp.down", np.setdiff1d(np.arange(F), keep), U.astype(np.float64).mean(axis=0))
-        for lin in ("mlp.gate", "mlp.up"):
-            if lin + ".weight" in t:
-                t[lin + ".weight"] = t[lin + ".weight"][keep]
-                if lin + ".bias" in t:
-                    t[lin + ".bias"] = t[lin + ".bias"][keep]
-        t["mlp.down.weight"] = t["mlp.down.weight"][:, keep]
-        self.removed["neurons"] += n
+        self.removed["neurons"] += prune_mlp(s, j, t, x, self.mlp)
+
+
+def prune_mlp(s: Stream, j: int, t: dict, x, fraction: float) -> int:
+    """Remove the `fraction` of block j's MLP neurons of least importance on x, compensating
+    their mean contribution in the down projection's bias; returns how many went."""
+    F = t["mlp.up.weight"].shape[0]
+    n = min(int(round(F * fraction)), F - 1)
+    if n <= 0:
+        return 0
+    U = stage_input(s, j, t, x, "down_in")
+    keep = keep_top(mlp_scores(t, U), n)
+    compensate(t, "mlp.down", np.setdiff1d(np.arange(F), keep), U.astype(np.float64).mean(axis=0))
+    for lin in ("mlp.gate", "mlp.up"):
+        if lin + ".weight" in t:
+            t[lin + ".weight"] = t[lin + ".weight"][keep]
+            if lin + ".bias" in t:
+                t[lin + ".bias"] = t[lin + ".bias"][keep]
+    t["mlp.down.weight"] = t["mlp.down.weight"][:, keep]
+    return n
