@@ -71,9 +71,10 @@ def _quantization_options(p: argparse.ArgumentParser):
     q.add_argument("--keep-vocab", action="store_true",
                    help="--target-size/--plan-only: keep every token (by default the planner also weighs "
                         "trimming the vocabulary, measured on calibration text)")
-    q.add_argument("--keep-structure", action="store_true",
-                   help="--target-size/--plan-only: keep every block and neuron (by default the planner also "
-                        "weighs dropping blocks and pruning MLP neurons, measured on calibration text)")
+    q.add_argument("--search-structure", action="store_true",
+                   help="--target-size/--plan-only: also weigh dropping blocks and pruning MLP neurons, measured on "
+                        "calibration text (off by default: on the models measured it helped at some sizes and "
+                        "hurt at others, docs/plan.md)")
     q.add_argument("--sensitivity", metavar="FILE",
                    help="--target-bpw/--target-size: keep the measured per-tensor sensitivity in FILE and reuse it "
                         "when FILE matches this checkpoint, calibration and options (another target then skips "
@@ -176,7 +177,7 @@ def main(argv) -> int:
                 heal=args.heal, heal_tokens=args.heal_tokens, heal_device=args.heal_device,
                 vocab_size=args.vocab_size, vocab_from=args.vocab_from,
                 target_size=args.target_size, plan_only=args.plan_only, keep_vocab=args.keep_vocab, tie_head=args.tie_head,
-                keep_structure=args.keep_structure)
+                search_structure=args.search_structure)
     except KeyboardInterrupt:
         kept = Path(args.output + ".heal")
         if args.heal and kept.is_dir():

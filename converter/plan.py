@@ -247,7 +247,7 @@ def _variant(r, header: dict, free: list, damages: dict, vocab, tie_damage, stru
         n = header["model"]["n_layers"]
         shapes = structure.shapes(r.shapes, n)
         damages = scaled_damages(structure, damages, r.shapes, shapes, n, lambda sh: sensitivity.candidates(sh, opts))
-        free = [f for f in structure.renamed({f: f for f in free}, n)]
+        free = list(structure.renamed(dict.fromkeys(free), n))
         kept = structure.kept(n)
         header = dict(header, model=dict(header["model"], layers=[header["model"]["layers"][i] for i in kept],
                                          n_layers=len(kept)))

@@ -115,7 +115,7 @@ class Recipe:
     plan_only: bool = False  # --plan-only: print the size/KLD frontier, write no pack
     keep_vocab: bool = False  # --keep-vocab: the planner does not weigh trimming the vocabulary
     tie_head: bool = False  # --tie-head: store an untied head as the embedding times a fitted map
-    keep_structure: bool = False  # --keep-structure: the planner neither drops blocks nor prunes
+    search_structure: bool = False  # --search-structure: the planner also weighs dropping blocks and pruning
 
     @property
     def calibrated(self) -> bool:
@@ -131,7 +131,7 @@ class Recipe:
                      heal: bool = False, heal_tokens: int | None = None, heal_device: str | None = None,
                      vocab_size=None, vocab_from=None, target_size=None,
                      plan_only: bool = False, keep_vocab: bool = False, tie_head: bool = False,
-                     keep_structure: bool = False) -> "Recipe":
+                     search_structure: bool = False) -> "Recipe":
         """The keyword options of `convert()` / the CLI, validated (LlmpackError on the first bad one)."""
         if dtype not in DTYPES:
             raise LlmpackError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -165,9 +165,9 @@ class Recipe:
         if keep_vocab and (quant.target_size is None or vocab.active):
             raise LlmpackError("--keep-vocab tells --target-size/--plan-only not to trim the vocabulary; use it "
                                "with one of them and without --vocab-size/--vocab-from")
-        if keep_structure and quant.target_size is None:
-            raise LlmpackError("--keep-structure tells --target-size/--plan-only not to drop blocks or prune; use it "
-                               "with one of them")
+        if search_structure and quant.target_size is None:
+            raise LlmpackError("--search-structure tells --target-size/--plan-only to weigh dropping blocks and "
+                               "pruning; use it with one of them (or give --drop-layers/--prune-mlp with --bits)")
         if heal and plan_only:
             raise LlmpackError("--plan-only writes no file, so there is nothing to heal; drop --heal or --plan-only")
         if sensitivity_file is not None:
@@ -177,7 +177,7 @@ class Recipe:
                 raise LlmpackError(f"--sensitivity {sensitivity_file}: no such folder {Path(sensitivity_file).parent}")
         return cls(dtype, quant, structure, eval_text, eval_windows, eval_ctx, sensitivity_file,
                    _heal_options(heal, heal_tokens, heal_device, quant, structure, dtype, seed), vocab,
-                   plan_only, keep_vocab, bool(tie_head), bool(keep_structure))
+                   plan_only, keep_vocab, bool(tie_head), bool(search_structure))
 
 
 def _heal_options(heal, tokens, device, quant: QuantOptions, structure: StructureOptions, dtype: str, seed: int):

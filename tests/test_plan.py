@@ -28,13 +28,12 @@ def setup(tmp_path_factory):
     calib.write_text(calib_mod.default_text()[:20000])
     sens = root / "sens.json"
     frontier = convert(root / "ckpt", root / "frontier.llmpack", plan_only=True, calib=calib, sensitivity_file=sens,
-                       quiet=True, keep_structure=True, **CALIB)
+                       quiet=True, **CALIB)
     return {"ckpt": root / "ckpt", "calib": calib, "sens": sens, "frontier": frontier}
 
 
 def _kw(setup, **extra):
-    """Bits, groups and vocabulary only: the structural side has its own tests (test_plan_structure.py)."""
-    return dict(calib=setup["calib"], sensitivity_file=setup["sens"], quiet=True, keep_structure=True, **CALIB, **extra)
+    return dict(calib=setup["calib"], sensitivity_file=setup["sens"], quiet=True, **CALIB, **extra)
 
 
 def _plan_record(header):
@@ -140,7 +139,7 @@ def test_target_below_smallest_is_one_line_error(setup, tmp_path):
     small = str(10 ** (len(str(lo)) - 1))  # as many digits as `lo`: the header records the target text
     args = [sys.executable, "-m", "llmpack", "convert", str(setup["ckpt"]), "-o", "out.llmpack",
             "--target-size", small, "--calib", str(setup["calib"]), "--calib-samples", "4", "--calib-seqlen", "64",
-            "--sensitivity", str(setup["sens"]), "--keep-structure", "-q"]
+            "--sensitivity", str(setup["sens"]), "-q"]
     r = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()

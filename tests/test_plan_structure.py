@@ -32,7 +32,7 @@ def planted(tmp_path_factory):
     model.save_pretrained(root / "ckpt")
     calib = root / "calib.txt"
     calib.write_text(calib_mod.default_text()[:20000])
-    kw = dict(calib=calib, sensitivity_file=root / "sens.json", quiet=True, **CALIB)
+    kw = dict(calib=calib, sensitivity_file=root / "sens.json", quiet=True, search_structure=True, **CALIB)
     frontier = convert(root / "ckpt", root / "f.llmpack", plan_only=True, **kw)
     return {"ckpt": root / "ckpt", "model": model, "kw": kw, "frontier": frontier, "root": root}
 
@@ -82,12 +82,17 @@ def test_mid_target_fits_and_records_the_prediction(planted, tmp_path):
 
 
 def test_structure_damage_is_measured_and_cached(planted, capsys, tmp_path):
-    """The measurement is kept beside --sensitivity FILE and reused; on a model without free
-    structure the damages are positive (a random block is not the identity)."""
+    """The measurement is kept beside --sensitivity FILE and reused (CLI, --search-structure)."""
+    from llmpack.cli import main
+
     cache = planted["root"] / "sens.json.structure.json"
     assert cache.is_file()
-    convert(planted["ckpt"], tmp_path / "p.llmpack", plan_only=True, **dict(planted["kw"], quiet=False))
-    assert "reused the structure measurement" in capsys.readouterr().err
+    code = main(["convert", str(planted["ckpt"]), "-o", str(tmp_path / "p.llmpack"), "--plan-only", "--calib",
+                 str(planted["kw"]["calib"]), "--calib-samples", "4", "--calib-seqlen", "64", "--sensitivity",
+                 str(planted["kw"]["sensitivity_file"]), "--search-structure"])
+    captured = capsys.readouterr()
+    assert code == 0 and "reused the structure measurement" in captured.err
+    assert "-1L,mlp-25%" in captured.out  # the frontier table's structure column
     from llmpack.converter import plan_structure
 
     import json
@@ -98,15 +103,17 @@ def test_structure_damage_is_measured_and_cached(planted, capsys, tmp_path):
     assert len(plan_structure.candidates(value)) == 2 * (1 + len(plan_structure.MLP_FRACTIONS))
 
 
-def test_keep_structure_keeps_every_block(planted, tmp_path):
+def test_without_search_structure_every_block_is_kept(planted, tmp_path):
+    """The search is opt-in (docs/plan.md: it helped at some sizes and hurt at others)."""
     f = planted["frontier"]
     target = f["largest_bytes"]
     out = tmp_path / "k.llmpack"
-    h = convert(planted["ckpt"], out, target_size=str(target), keep_structure=True, keep_vocab=True, **planted["kw"])
+    h = convert(planted["ckpt"], out, target_size=str(target), keep_vocab=True,
+                **dict(planted["kw"], search_structure=False))
     assert "structure" not in _rec(h, "plan") and h["model"]["n_layers"] == 4
     assert [r["step"] for r in h["recipe"]] == ["plan", "quantize"]
-    with pytest.raises(LlmpackError, match="--keep-structure"):
-        convert(planted["ckpt"], tmp_path / "x.llmpack", bits=4, keep_structure=True)
+    with pytest.raises(LlmpackError, match="--search-structure"):
+        convert(planted["ckpt"], tmp_path / "x.llmpack", bits=4, search_structure=True)
 
 
 def test_a_float_model_too_big_for_memory_is_planned_whole(planted, tmp_path, monkeypatch, capsys):
