@@ -227,8 +227,7 @@ def _planned_structure(s, recipe: Recipe, structure) -> list:
     if not structure.dropped:
         return []
     layer_drop.apply(s, structure.kept(len(s.model["layers"])))
-    return [{"step": "drop_layers", "count": len(structure.dropped), "dropped": [list(d) for d in structure.dropped],
-             "seconds": 0.0}]
+    return [layer_drop.record(structure.dropped, 0.0)]
 
 
 def _header(r: Source, recipe: Recipe, calib_info, done: list, allocation) -> dict:
@@ -275,8 +274,7 @@ def _steps(recipe: Recipe, s, quiet: bool) -> tuple[list, list]:
     if st.drop_layers is not None:
         t = time.time()
         dropped = layer_drop.drop_layers(s, st.drop_layers, quiet=quiet)
-        done.append({"step": "drop_layers", "count": st.drop_layers, "dropped": dropped,
-                     "seconds": round(time.time() - t, 2)})
+        done.append(layer_drop.record(dropped, round(time.time() - t, 2)))
     if st.slice is not None:
         steps.append(slicing.SliceStep(st.slice))
     if st.prune_heads is not None or st.prune_mlp is not None:

@@ -240,6 +240,7 @@ def _variant(r, header: dict, free: list, damages: dict, vocab, tie_damage, stru
     vocabulary trim and/or a tied head (names as the file numbers its blocks), and the records of
     those steps (they run before quantize)."""
     from .plan_structure import scaled_damages
+    from .steps import layer_drop
     from .steps.vocab_trim import VocabTrimStep
 
     shapes, tok_name, tok_blob, between = dict(r.shapes), r.tokenizer[1], r.tokenizer[2], []
@@ -252,8 +253,7 @@ def _variant(r, header: dict, free: list, damages: dict, vocab, tie_damage, stru
         header = dict(header, model=dict(header["model"], layers=[header["model"]["layers"][i] for i in kept],
                                          n_layers=len(kept)))
         if structure.dropped:
-            between.append({"step": "drop_layers", "count": len(structure.dropped),
-                            "dropped": [[i, WIDEST_FRACTION] for i, _ in structure.dropped], "seconds": WIDEST_SECONDS})
+            between.append(layer_drop.record([(i, WIDEST_FRACTION) for i, _ in structure.dropped], WIDEST_SECONDS))
         if structure.mlp:
             between.append({"step": "prune", "heads": 0, "mlp": structure.mlp, "removed_kv_groups": 0,
                             "removed_neurons": structure.removed_neurons(r.shapes, n)})

@@ -92,7 +92,9 @@ class Structure:
 
     def pruned(self, width: int) -> int:
         """Neurons a block of `width` keeps (as steps/pruning.prune_mlp removes them)."""
-        return width - max(0, min(int(round(width * self.mlp)), width - 1))
+        from .steps.pruning import neurons_removed
+
+        return width - neurons_removed(width, self.mlp)
 
     def shapes(self, shapes: dict, n_layers: int) -> dict:
         """Tensor shapes of the file after this structure (output numbering): pruned MLP

@@ -131,6 +131,11 @@ def drop_layers(s: Stream, n_drop: int, quiet: bool = False) -> list:
     return [list(d) for d in dropped]
 
 
+def record(dropped: list, seconds: float) -> dict:
+    """The recipe's record of the step: [[source index, KL after that round], ...] and its time."""
+    return {"step": "drop_layers", "count": len(dropped), "dropped": [list(d) for d in dropped], "seconds": seconds}
+
+
 def apply(s: Stream, kept: list):
     """Keep only the source blocks `kept` (in order): the stream skips the others, the model
     description loses their entries."""

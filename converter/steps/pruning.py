@@ -110,11 +110,17 @@ class PruneStep(Step):
         self.removed["neurons"] += prune_mlp(s, j, t, x, self.mlp)
 
 
+def neurons_removed(width: int, fraction: float) -> int:
+    """How many of a block's `width` MLP neurons pruning `fraction` removes (one always stays);
+    the size planner lays out the file with the same count (plan_structure.py)."""
+    return max(0, min(int(round(width * fraction)), width - 1))
+
+
 def prune_mlp(s: Stream, j: int, t: dict, x, fraction: float) -> int:
     """Remove the `fraction` of block j's MLP neurons of least importance on x, compensating
     their mean contribution in the down projection's bias; returns how many went."""
     F = t["mlp.up.weight"].shape[0]
-    n = min(int(round(F * fraction)), F - 1)
+    n = neurons_removed(F, fraction)
     if n <= 0:
         return 0
     U = stage_input(s, j, t, x, "down_in")
