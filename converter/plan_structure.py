@@ -165,7 +165,7 @@ def _measure(s, n: int, quiet: bool) -> dict:
 
     m = layer_drop.FloatModel(s, layer_drop.calibration_slice(s.ids))
     _, dropped = layer_drop.choose(s, max_drop(n), quiet=quiet, m=m)
-    ref, _ = m.run_from(m.x0, list(range(n)), 0)
+    ref, _ = m.reference()
     mlp = []
     for f in MLP_FRACTIONS:
         x = m.x0

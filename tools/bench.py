@@ -4,7 +4,8 @@ transformers on CPU, in one run.
 
 Every engine runs in a fresh subprocess (so peak RSS is its own), engines alternate round by
 round (so drift in machine speed hits all of them alike), all use the same thread count, and
-every figure is also printed as a ratio against the transformers baseline of the same run.
+every figure is also printed as a ratio against the transformers baseline of the same run (or,
+with --no-transformers for models too big for it, against the first engine given).
 
     # once: build the peers' files (GGUF Q8_0, onnxruntime-genai int4) and llmpack's packs
     python tools/bench.py prepare --hf /tmp/models/qwen05 --out /tmp/bench
@@ -303,8 +304,9 @@ def _option_value(v: str):
 
 
 def engines_from_args(args) -> list[tuple[str, str, str, dict]]:
-    """(label, worker kind, path, load options) in run order; transformers first (the baseline)."""
-    engines = [("transformers fp32", "transformers", args.hf, {})]
+    """(label, worker kind, path, load options) in run order; transformers first (the baseline)
+    unless --no-transformers (then the first engine given is the baseline)."""
+    engines = [] if args.no_transformers else [("transformers fp32", "transformers", args.hf, {})]
     for spec in args.pack:
         label, _, rest = spec.partition("=")
         path, _, backend = rest.partition(":")
@@ -347,9 +349,14 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--no-transformers", action="store_true",
+                    help="skip the transformers fp32 baseline (a 7B needs ~34 GB for it); ratios are then "
+                         "against the first engine given")
     args = ap.parse_args()
 
     engines = engines_from_args(args)
+    if not engines:
+        raise SystemExit("--no-transformers leaves no engine: give --pack, --gguf or --genai")
     note = machine_note(args.threads)
     print(f"machine: {note}")
     if os.getloadavg()[0] > 0.5:
@@ -381,9 +388,10 @@ def main():
             b["mb_per_token"] = (w + kv_bytes_per_token(args.hf, args.prompt_tokens, args.new_tokens,
                                                         KV_BYTES.get(kind, 4))) / 1e6
             b["roofline_pct"] = 100 * b["decode_tps"] * b["mb_per_token"] * 1e6 / bandwidth
-    base = best["transformers fp32"]
+    base_label = engines[0][0]
+    base = best[base_label]
     print(f"\nbest of {args.rounds} rounds; {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
-          f"{args.threads} threads; ratios vs transformers fp32 in the same run; read bandwidth "
+          f"{args.threads} threads; ratios vs {base_label} in the same run; read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s\n{note}")
     print("| engine | file MB | load s | prefill tok/s | decode tok/s | peak RSS MB | MB read/token | % of roofline |")
     print("|---|---|---|---|---|---|---|---|")
@@ -407,7 +415,7 @@ def _run(cmd, **kw):
     subprocess.run([str(c) for c in cmd], check=True, **kw)
 
 
-def _llama_cpp_sources(cache: Path) -> Path:
+def llama_cpp_sources(cache: Path) -> Path:
     """llama.cpp's convert_hf_to_gguf.py and its gguf-py, from the llama-cpp-python sdist of the
     installed version (the converter must match the runtime that reads its files)."""
     from importlib.metadata import version
@@ -467,7 +475,7 @@ def prepare(argv):
     q8_0 = out / "q8_0.gguf"
     try:
         if not q8_0.exists():
-            root = _llama_cpp_sources(out / "llama.cpp-src")
+            root = llama_cpp_sources(out / "llama.cpp-src")
             _run([sys.executable, root / "convert_hf_to_gguf.py", hf, "--outtype", "q8_0", "--outfile", q8_0],
                  env=dict(os.environ, PYTHONPATH=str(root / "gguf-py")))
         cmd += ["--gguf", f"Q8_0={q8_0}"]

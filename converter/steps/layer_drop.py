@@ -42,6 +42,14 @@ class FloatModel:
         self.head_bias = post.get("head.bias")
         self.post = post
         self.blocks = {i: s.source.layer(i) for i in s.layers}
+        self._reference = None
+
+    def reference(self) -> tuple[np.ndarray, list]:
+        """run_from(x0, every block, 0) of the whole model, computed once (the layer-drop rounds
+        and the structure planner's pruning measurements compare against the same output)."""
+        if self._reference is None:
+            self._reference = self.run_from(self.x0, list(self.s.layers), 0)
+        return self._reference
 
     def run_from(self, x, kept: list, start: int) -> tuple[np.ndarray, list]:
         """Run blocks kept[start:] on x; returns (the last block's output, inputs of each block run)."""
@@ -102,7 +110,7 @@ def choose(s: Stream, n_drop: int, quiet: bool = False, m: FloatModel | None = N
     FloatModel already loaded on calibration_slice(s.ids), else one is loaded."""
     m = m or FloatModel(s, calibration_slice(s.ids))
     kept = list(s.layers)
-    ref, inputs = m.run_from(m.x0, kept, 0)
+    ref, inputs = m.reference()
     progress = Progress("drop layers", n_drop, quiet=quiet)
     dropped = []
     for _ in range(n_drop):
