@@ -26,6 +26,7 @@ def test_transformers_loads_every_family(tmp_path, family):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     cfg = json.loads((tmp_path / family / "config.json").read_text())
     assert cfg["model_type"] == family and cfg["dtype"] == "bfloat16"
+    assert cfg["architectures"] == [type(model).__name__]  # what llama.cpp's convert_hf_to_gguf.py dispatches on
     # Realistic scales: matrices std ~0.02, norm weights ~1 (Gemma stores them as an offset from 1).
     for name, p in model.named_parameters():
         if p.dim() == 2:

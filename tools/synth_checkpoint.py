@@ -91,6 +91,8 @@ def tensor_specs(config) -> list[tuple[str, tuple[int, ...]]]:
 
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
+    # save_pretrained of a model records its class; llama.cpp's convert_hf_to_gguf.py needs it
+    config.architectures = [type(model).__name__]
     sd = model.state_dict()
     tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
     specs = []
