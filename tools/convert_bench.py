@@ -2,7 +2,7 @@
 """Conversion time and memory: llmpack beside llama.cpp on one checkpoint, in one run.
 
     python tools/convert_bench.py --hf /tmp/q7 --out /tmp/cb            # RTN q4 and llama.cpp Q4_K_M
-    python tools/convert_bench.py --hf /tmp/q7 --out /tmp/cb --gptq     # and GPTQ q4 (hours at 7B)
+    python tools/convert_bench.py --hf /tmp/q7 --out /tmp/cb --gptq     # and GPTQ q4 (47 min at 7B)
 
 Every step runs in a fresh subprocess, measured with os.wait4: wall seconds, CPU seconds
 (user + system) and peak resident set (the child's ru_maxrss, what `/usr/bin/time -v` prints).
@@ -95,7 +95,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf", required=True, help="transformers checkpoint folder (e.g. tools/synth_checkpoint.py's)")
     ap.add_argument("--out", required=True, help="folder for the files (needs the bf16 size again, plus outputs)")
-    ap.add_argument("--gptq", action="store_true", help="also time llmpack's GPTQ q4 (~40x RTN)")
+    ap.add_argument("--gptq", action="store_true", help="also time llmpack's GPTQ q4 (~24x the CPU of RTN)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp's quantizer threads")
     ap.add_argument("--keep-bf16", action="store_true", help="keep llama.cpp's intermediate bf16 GGUF")
     ap.add_argument("--json", help="also write the results here")
