@@ -13,6 +13,8 @@ row chunks to bound memory.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from llmpack.formats import quant
@@ -167,88 +169,25 @@ def gptq_quantize(W: np.ndarray, f: HessianFactor, bits: int, group_size: int, s
     rounding error.
 
     Works on W transposed (K, N) so that a column of W is a contiguous row in memory; each chunk
-    of rows is packed as soon as it is done (no (N, K) code matrix). Chunks default to ~64 MB of
-    float32 work (K = 18944: 885 rows; K = 3584: 4681), so the 7B down projection's working copies
-    stay near 200 MB instead of three 271 MB arrays.
-
-    One function on purpose: GPTQ's column loop shares a dozen arrays (the block's weights and
-    errors, the group scales fixed so far, the SparseGPT mask) that helpers would pass back and
-    forth on the hottest path of the converter.
+    of rows is quantized by _quantize_chunk and packed as soon as it is done (no (N, K) code
+    matrix). Chunks default to ~64 MB of float32 work (K = 18944: 885 rows; K = 3584: 4681), so
+    the 7B down projection's working copies stay near 200 MB instead of three 271 MB arrays.
     """
     if rows_per_chunk is None:
         rows_per_chunk = max(256, min(8192, (1 << 24) // max(W.shape[1], 1)))
     W = np.asarray(W, np.float32)
     n, k = W.shape
     G = n_groups(k, group_size)
-    perm, U = f.perm, f.U
-    col_group = perm // group_size  # group of each permuted position
-    group_pos = [np.sort(f.invperm[j * group_size:min(k, (j + 1) * group_size)]) for j in range(G)]
-    imp_all = f.importance / max(float(f.importance.mean()), 1e-30) + 1e-3
-    qmax = float((1 << bits) - 1)
+    order = _ColumnOrder.of(f, group_size)
     data_all = np.empty((n, G, -(-group_size * bits // 8)), np.uint8)
     scales_all = np.empty((n, G), np.float16)
     zeros_all = None if symmetric else np.empty((n, G), np.uint8)
     deq = np.empty((n, k), np.float32) if dequantized else None
-    dead_p = f.dead[perm]
-    diag_u = np.diag(U)
     for r0 in range(0, n, rows_per_chunk):
         r1 = min(n, r0 + rows_per_chunk)
-        m = r1 - r0
-        Wt = np.ascontiguousarray(W[r0:r1].T[perm])  # (K, m), permuted column order
-        Wt[dead_p] = 0
-        codes = np.empty((k, m), np.uint8)
-        Qt = np.empty((k, m), np.float32)
-        scales = np.empty((G, m), np.float32)
-        zeros = np.full((G, m), float(1 << (bits - 1)), np.float32)
-        s16 = np.empty((G, m), np.float16)
-        done = np.zeros(G, bool)
-        keep = None if prune is None else np.ones((k, m), bool)
-        for i1 in range(0, k, block):
-            i2 = min(i1 + block, k)
-            W1 = Wt[i1:i2].copy()
-            Err1 = np.zeros((i2 - i1, m), np.float32)
-            U1 = U[i1:i2, i1:i2]
-            if keep is not None and prune.pattern != "2:4":  # unstructured: mask of the block, chosen now
-                keep[i1:i2] = prune(W1, diag_u[i1:i2])
-            for ii in range(i2 - i1):
-                i = i1 + ii
-                j = col_group[i]
-                if not done[j]:
-                    pos = group_pos[j]
-                    inblk = pos < i2
-                    cur = np.empty((len(pos), m), np.float32)
-                    cur[inblk] = W1[pos[inblk] - i1]
-                    out = pos[~inblk]
-                    if len(out):
-                        cur[~inblk] = Wt[out] - U[i1:i, out].T @ Err1[:ii]
-                    imp = imp_all[perm[pos]]
-                    if keep is not None:  # SparseGPT: the group's scale from its kept weights
-                        if prune.pattern == "2:4":  # the group's quads, in K order, chosen now
-                            order = np.argsort(perm[pos])
-                            keep[pos[order]] = prune(cur[order], diag_u[pos[order]])
-                        cur *= keep[pos]  # (unstructured: masks of later blocks not chosen yet, all True)
-                        imp = imp[None, :] * keep[pos].T
-                    sc, z = quant.find_params(cur.T, bits, symmetric, imp, grid)
-                    s16[j] = sc
-                    scales[j] = sc.astype(np.float32)
-                    if z is not None:
-                        zeros[j] = z
-                    done[j] = True
-                w = W1[ii]
-                sj, zj = scales[j], zeros[j]
-                c = np.rint(w / sj)
-                c += zj
-                np.clip(c, 0.0, qmax, out=c)
-                if keep is not None:
-                    c = np.where(keep[i], c, zj)
-                codes[i] = c
-                q = (c - zj) * sj
-                Qt[i] = q
-                err = (w - q) / U1[ii, ii]
-                W1[ii:] -= U1[ii, ii:, None] * err[None, :]
-                Err1[ii] = err
-            if i2 < k:
-                Wt[i2:] -= U[i1:i2, i2:].T @ Err1
+        Wt = np.ascontiguousarray(W[r0:r1].T[f.perm])  # (K, m), permuted column order
+        Wt[f.dead[f.perm]] = 0
+        codes, Qt, s16, zeros = _quantize_chunk(Wt, f.U, order, G, bits, symmetric, block, grid, prune)
         if deq is not None:
             deq[r0:r1] = Qt[f.invperm].T
         del Qt
@@ -261,3 +200,93 @@ def gptq_quantize(W: np.ndarray, f: HessianFactor, bits: int, group_size: int, s
     if zeros_all is not None:
         parts["zeros"] = quant.pack_codes(zeros_all, bits)
     return parts, deq
+
+
+@dataclass(frozen=True)
+class _ColumnOrder:
+    """What GPTQ's column loop needs of the factor's column order, computed once per matrix."""
+
+    perm: np.ndarray  # source column of each permuted position
+    col_group: np.ndarray  # group of each permuted position
+    group_pos: list  # permuted positions of each group, ascending
+    importance: np.ndarray  # per source column, normalized to mean 1 (+ 1e-3)
+    diag_u: np.ndarray  # diagonal of the inverse-Hessian factor U
+
+    @classmethod
+    def of(cls, f: HessianFactor, group_size: int) -> "_ColumnOrder":
+        k = len(f.perm)
+        group_pos = [np.sort(f.invperm[j * group_size:min(k, (j + 1) * group_size)])
+                     for j in range(n_groups(k, group_size))]
+        return cls(f.perm, f.perm // group_size, group_pos,
+                   f.importance / max(float(f.importance.mean()), 1e-30) + 1e-3, np.diag(f.U))
+
+
+def _quantize_chunk(Wt: np.ndarray, U: np.ndarray, order: _ColumnOrder, G: int, bits: int, symmetric: bool,
+                    block: int, grid, prune):
+    """GPTQ's column loop over one chunk of rows, Wt (K, m) in permuted column order (updated in
+    place by the error feedback). Returns (codes (K, m) uint8, dequantized Qt (K, m) float32,
+    f16 scales (G, m), zero points (G, m) float32).
+
+    One function on purpose: the loop shares a dozen arrays (the block's weights and errors, the
+    group scales fixed so far, the SparseGPT mask) that helpers would pass back and forth on the
+    hottest path of the converter. A group's scale is fixed when its first column (in GPTQ's
+    order) comes up, from the current values of all its columns: those in this block as updated
+    so far, those in later blocks with this block's pending error applied."""
+    k, m = Wt.shape
+    perm, col_group, group_pos, imp_all, diag_u = (order.perm, order.col_group, order.group_pos, order.importance,
+                                                   order.diag_u)
+    qmax = float((1 << bits) - 1)
+    codes = np.empty((k, m), np.uint8)
+    Qt = np.empty((k, m), np.float32)
+    scales = np.empty((G, m), np.float32)
+    zeros = np.full((G, m), float(1 << (bits - 1)), np.float32)
+    s16 = np.empty((G, m), np.float16)
+    done = np.zeros(G, bool)
+    keep = None if prune is None else np.ones((k, m), bool)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1 = Wt[i1:i2].copy()
+        Err1 = np.zeros((i2 - i1, m), np.float32)
+        U1 = U[i1:i2, i1:i2]
+        if keep is not None and prune.pattern != "2:4":  # unstructured: mask of the block, chosen now
+            keep[i1:i2] = prune(W1, diag_u[i1:i2])
+        for ii in range(i2 - i1):
+            i = i1 + ii
+            j = col_group[i]
+            if not done[j]:
+                pos = group_pos[j]
+                inblk = pos < i2
+                cur = np.empty((len(pos), m), np.float32)
+                cur[inblk] = W1[pos[inblk] - i1]
+                out = pos[~inblk]
+                if len(out):
+                    cur[~inblk] = Wt[out] - U[i1:i, out].T @ Err1[:ii]
+                imp = imp_all[perm[pos]]
+                if keep is not None:  # SparseGPT: the group's scale from its kept weights
+                    if prune.pattern == "2:4":  # the group's quads, in K order, chosen now
+                        o = np.argsort(perm[pos])
+                        keep[pos[o]] = prune(cur[o], diag_u[pos[o]])
+                    cur *= keep[pos]  # (unstructured: masks of later blocks not chosen yet, all True)
+                    imp = imp[None, :] * keep[pos].T
+                sc, z = quant.find_params(cur.T, bits, symmetric, imp, grid)
+                s16[j] = sc
+                scales[j] = sc.astype(np.float32)
+                if z is not None:
+                    zeros[j] = z
+                done[j] = True
+            w = W1[ii]
+            sj, zj = scales[j], zeros[j]
+            c = np.rint(w / sj)
+            c += zj
+            np.clip(c, 0.0, qmax, out=c)
+            if keep is not None:
+                c = np.where(keep[i], c, zj)
+            codes[i] = c
+            q = (c - zj) * sj
+            Qt[i] = q
+            err = (w - q) / U1[ii, ii]
+            W1[ii:] -= U1[ii, ii:, None] * err[None, :]
+            Err1[ii] = err
+        if i2 < k:
+            Wt[i2:] -= U[i1:i2, i2:].T @ Err1
+    return codes, Qt, s16, zeros
