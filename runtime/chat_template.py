@@ -219,15 +219,13 @@ def _binop_guard(op, left, right):
         _check_args(right if isinstance(right, tuple) else (right,), {})
 
 
-@lru_cache(maxsize=1)
-def _environment():
-    # One function: the sandbox's guards are closures over the render budget and each other, and
-    # the jinja2 imports stay here so that loading a model without a template does not pay for them.
+def _guarded_code_generator():
+    """(code generator class, {filter name: guard}): every `{% for %}` iterates through the loop
+    guard and every printed expression and `~` result goes through the output guard, both charged
+    to the render's Budget."""
     import jinja2
     from jinja2 import nodes
     from jinja2.compiler import CodeGenerator
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     @jinja2.pass_context  # context filters are never folded at compile time (no budget there)
     def loop_guard(context, iterable):
@@ -256,6 +254,14 @@ def _environment():
                              nodes.Filter(n, "llmpack_output_guard", [], [], None, None, lineno=out.lineno)
                              for n in out.nodes]
             super().visit_Template(node, frame)
+
+    return GuardedCodeGenerator, {"llmpack_loop_guard": loop_guard, "llmpack_output_guard": output_guard}
+
+
+def _template_extras():
+    """({% generation %} extension, underscore-refusing namespace) that chat templates use."""
+    import jinja2
+    from jinja2.ext import Extension
 
     class GenerationTag(Extension):
         # `{% generation %}...{% endgeneration %}` marks assistant text for training masks: render the body.
@@ -287,8 +293,22 @@ def _environment():
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
 
+    return GenerationTag, Namespace
+
+
+@lru_cache(maxsize=1)
+def _environment():
+    # The jinja2 imports stay in these functions so that loading a model without a template does
+    # not pay for them; the guards are closures over the render budget (Budget.current()).
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    generator, guard_filters = _guarded_code_generator()
+    GenerationTag, Namespace = _template_extras()
+
     class Sandbox(ImmutableSandboxedEnvironment):
-        code_generator_class = GuardedCodeGenerator
+        code_generator_class = generator
         intercepted_binops = frozenset(["*", "**", "+", "%"])
 
         # jinja2 turns an unsafe attribute into an Undefined that fails only when used further;
@@ -310,8 +330,7 @@ def _environment():
     env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
     env.filters["tojson"] = _tojson
     env.filters = {name: _guard_filter(name, f) for name, f in env.filters.items()}
-    env.filters["llmpack_loop_guard"] = loop_guard
-    env.filters["llmpack_output_guard"] = output_guard
+    env.filters.update(guard_filters)
     env.globals["range"] = _range
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = _strftime_now
