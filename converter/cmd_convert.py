@@ -124,8 +124,10 @@ def _healing_options(p: argparse.ArgumentParser):
     h.add_argument("--heal", action="store_true", help="after compression, train each block to reproduce the "
                    "original's (block-wise), then the file's scales and norms against the original's next-token "
                    "distribution (end to end), on the calibration text; resumable (OUT.heal/)")
-    h.add_argument("--heal-tokens", type=_int, metavar="N", help="training tokens of each phase (block-wise: per "
-                   "block); default 32768")
+    h.add_argument("--heal-tokens", type=_tokens, metavar="N|auto", help="training tokens of each phase "
+                   "(block-wise: per block); default 32768. auto: each block and the end-to-end phase train until "
+                   "a pass over the calibration text cuts the error on held-out calibration rows by under 1 %% "
+                   "(at most 65536 tokens each)")
     h.add_argument("--heal-device", metavar="cpu|cuda", help="where healing trains (default cpu)")
 
 
@@ -144,6 +146,10 @@ def _int(s):
         return int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}")
+
+
+def _tokens(s):
+    return "auto" if s == "auto" else _int(s)
 
 
 def _float(s):

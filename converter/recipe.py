@@ -188,8 +188,8 @@ def _heal_options(heal, tokens, device, quant: QuantOptions, structure: Structur
     if not quant.quantized and not structure.any:
         raise LlmpackError(f"--heal: nothing to heal in a {dtype} file; add --bits, --sparsity or a structure "
                            f"option (--slice, --prune-mlp, --prune-heads, --drop-layers)")
-    opts = HealOptions(seed=seed)
-    if tokens is not None:
+    opts = HealOptions.auto(seed=seed) if tokens == "auto" else HealOptions(seed=seed)
+    if tokens not in (None, "auto"):
         opts.tokens = tokens
     if device is not None:
         opts.device = device

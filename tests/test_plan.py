@@ -260,11 +260,13 @@ def test_inspect_shows_a_trimmed_files_step_quality_in_bits_per_byte(setup, tmp_
     assert "[then bits/byte x" in line and "where read alike]" in line, shown.stdout
 
 
-def test_target_size_with_healing_fits_and_keeps_the_plan(setup, full_vocab_smallest, tmp_path, monkeypatch):
-    """--target-size --heal: the planner sets the healing records aside, so the healed and
-    measured file is still at or under the target (within 2 %); the file holds the planned types
-    and its end-to-end KL falls; with a trimmed vocabulary the teacher and the student read the
-    same calibration tokens."""
+@pytest.mark.parametrize("tokens", [512, "auto"])
+def test_target_size_with_healing_fits_and_keeps_the_plan(tokens, setup, full_vocab_smallest, tmp_path, monkeypatch):
+    """--target-size --heal: the planner sets the healing records aside (with auto, a token count
+    per block at its widest), so the healed and measured file is still at or under the target
+    (within 2 %); the file holds the planned types and its end-to-end KL falls (auto: never
+    rises, its best round is kept); with a trimmed vocabulary the teacher and the student read
+    the same calibration tokens."""
     from llmpack.converter.heal.run import Healing
     from llmpack.converter.heal.teacher import Teacher
 
@@ -280,7 +282,7 @@ def test_target_size_with_healing_fits_and_keeps_the_plan(setup, full_vocab_smal
     monkeypatch.setattr(Teacher, "pre", lambda self, s, pre: (seen.update(teacher=s.ids), teacher_pre(self, s, pre)))
     monkeypatch.setattr(Healing, "finish", lambda self, ids, amend=None: (
         seen.update(student=ids, new_of_old=self.new_of_old), finish(self, ids, amend))[1])
-    hh = convert(setup["ckpt"], healed, heal=True, heal_tokens=512, **kw)
+    hh = convert(setup["ckpt"], healed, heal=True, heal_tokens=tokens, **kw)
     # the student trains on the teacher's tokens, in the trimmed ids
     assert np.array_equal(seen["new_of_old"][seen["teacher"]], seen["student"])
     assert 0.98 * target <= healed.stat().st_size <= target
@@ -290,7 +292,7 @@ def test_target_size_with_healing_fits_and_keeps_the_plan(setup, full_vocab_smal
     # what healing's records cost: the same target without it plans a little more
     assert _plan_record(hh)["planned_bytes"] <= _plan_record(hp)["planned_bytes"]
     kl = hh["recipe"][-1]["kl"]
-    assert kl["after"] < kl["before"]
+    assert kl["after"] < kl["before"] if tokens != "auto" else kl["after"] <= kl["before"]
     assert hh["quality"][0]["bpb_ratio"] > 0 and not list(tmp_path.glob("*.heal"))
 
 

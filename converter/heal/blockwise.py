@@ -21,7 +21,7 @@ import torch
 from ..stream import Step, Stream
 from . import torch_block
 from .params import Params, dequantized
-from .train import Meter, Trainer, batch_order, steps_for
+from .train import Meter, Trainer, UntilFlat, batch_order, split_rows, steps_for
 
 
 def block_params(s: Stream, j: int, t: dict, device, latent: bool = False) -> tuple[Params, object]:
@@ -59,12 +59,13 @@ class BlockHeal(Step):
     def __init__(self, teacher, opts, state, maps=(), quiet: bool = False):
         self.teacher, self.opts, self.state, self.maps, self.quiet = teacher, opts, state, list(maps), quiet
         self.losses = []  # per block: (before, after)
+        self.tokens = []  # per block: tokens trained (--heal-tokens auto stops each block on its own)
         self.seconds = 0.0
 
     def options(self) -> dict:
         before = [b for b, _ in self.losses]
         after = [a for _, a in self.losses]
-        return {"tokens_per_block": self.opts.tokens,
+        return {"tokens_per_block": self.tokens if self.opts.until_flat else self.opts.tokens,
                 "block_error": {"before": _sig(np.mean(before)) if before else None,
                                 "after": _sig(np.mean(after)) if after else None},
                 "per_block_error": [[_sig(b), _sig(a)] for b, a in self.losses],
@@ -95,24 +96,37 @@ class BlockHeal(Step):
         def error(rows):
             return relative_error(fwd(X[rows].to(dev), tables), Y[rows].to(dev))
 
-        def full_error():
+        def mean_error(rows):
             with torch.no_grad():
-                return float(np.mean([error(np.arange(a, min(a + EVAL_ROWS, B))).item() for a in range(0, B, EVAL_ROWS)]))
+                return float(np.mean([error(rows[a:a + EVAL_ROWS]).item() for a in range(0, len(rows), EVAL_ROWS)]))
 
-        batch = min(o.block_batch, B)
+        train, held = split_rows(B, o)
+        batch = min(o.block_batch, len(train))
         steps = steps_for(o.tokens, batch, T)
-        before = full_error()
+        before = mean_error(np.arange(B))
         trainer = Trainer(p.groups(o.lr_weight, o.lr_scale, o.lr_float, o.lr_matrix), steps, after_step=p.clamp)
+        flat = UntilFlat.of(o, trainer, len(train), batch, len(held))
+        if flat is not None:
+            flat.update(mean_error(held))
         meter = Meter(f"heal block {j}", steps, batch * T, self.quiet)
-        for k, rows in enumerate(batch_order(B, batch, steps, o.seed + j)):
-            loss = error(rows)
-            trainer.step(loss)
-            meter.tick(k, loss.item())
-        after = full_error()
+        for k, rows in enumerate(train[batch_order(len(train), batch, steps, o.seed + j)]):
+            trainer.step(error(rows))
+            meter.tick(k, trainer.last_loss)
+            if flat is not None and flat.round_ends():
+                flat.update(mean_error(held))
+                if flat.done:
+                    break
+        if flat is not None:
+            flat.finish()
+        after = mean_error(np.arange(B))
         self.losses.append((before, after))
+        done = trainer.step_no
+        self.tokens.append(done * batch * T)
         if not self.quiet:
-            print(f"heal block {j}: error {before:.5f} -> {after:.5f} ({steps} steps)", file=sys.stderr, flush=True)
-        out = {"loss": np.asarray([before, after])}
+            until = f", held-out {flat.history[0]:.5f} -> {flat.best_error:.5f}" if flat is not None else ""
+            print(f"heal block {j}: error {before:.5f} -> {after:.5f} ({done} steps{until})", file=sys.stderr,
+                  flush=True)
+        out = {"loss": np.asarray([before, after]), "tokens": np.asarray(done * batch * T)}
         for name in list(p.mods) + list(p.vecs):
             kind, *rest = p.stored(name)
             if kind == "f":
@@ -129,6 +143,7 @@ class BlockHeal(Step):
         prefix = f"layers.{j}."
         if "loss" in saved and len(self.losses) <= j:
             self.losses.append(tuple(float(v) for v in saved["loss"]))
+            self.tokens.append(int(saved["tokens"]))
         for key, v in saved.items():
             if key.startswith("f/"):
                 t[key[2 + len(prefix):]] = np.asarray(v, np.float32)

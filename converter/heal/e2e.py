@@ -27,7 +27,7 @@ from llmpack.runtime.numpy_block import embed
 
 from . import torch_block
 from .params import Params
-from .train import Meter, Trainer, batch_order, steps_for
+from .train import Meter, Trainer, UntilFlat, batch_order, split_rows, steps_for
 
 CHUNK = 512  # tokens per head-and-loss chunk: 512 x 152k logits = 311 MB
 
@@ -151,41 +151,63 @@ def heal_file(src, out, ids: np.ndarray, topk: tuple, opts, state, amend=None,
     """Train `src`'s scales and norms on calibration `ids` (B, T) against the teacher's `topk`
     ((B*T, k) indices and log-probabilities); write `out`. Returns the phase's record and the
     trained student (whose logits the written file reproduces), or None with `amend` (the
-    measurement): the student's memory goes before it runs."""
+    measurement): the student's memory goes before it runs. With --heal-tokens auto the last
+    rows only measure: training stops once two passes over the rest gain under 1 % on them, and
+    the best pass is written."""
     t0 = time.time()
     pack = Pack(src)
     st = FileStudent(pack, ids, opts.device)
     B, T = ids.shape
     idx = torch.from_numpy(topk[0].astype(np.int64).reshape(B, T, -1))
     lp = torch.from_numpy(topk[1].reshape(B, T, -1))
-    batch = min(opts.batch, B)
+    train, held = split_rows(B, opts)
+    batch = min(opts.batch, len(train))
     steps = steps_for(opts.tokens, batch, T)
-    probe = np.arange(min(B, batch))  # the KL before and after, on the first rows
+    probe = held if len(held) else np.arange(min(B, batch))  # the KL before and after (first rows: trained on)
 
     def kl(rows):
         return st.loss(rows, idx[rows].to(st.dev), lp[rows].to(st.dev))
 
-    with torch.no_grad():
-        before = kl(probe).item()
+    def measured(rows):
+        with torch.no_grad():
+            return kl(rows).item()
+
+    before = measured(probe)
     trainer = Trainer(st.p.groups(0.0, opts.e2e_lr_scale, opts.e2e_lr_float, 0.0), steps, after_step=st.p.clamp, name="e2e")
+    flat = UntilFlat.of(opts, trainer, len(train), batch, len(held))
     saved = state.load("e2e.npz")
     if saved is not None:
         trainer.restore(saved)
         before = float(saved["before"])
+        if flat is not None:
+            flat.restore(saved)
+    elif flat is not None:
+        flat.update(before)
     meter = Meter("heal end-to-end", steps, batch * T, quiet)
-    order = batch_order(B, batch, steps, opts.seed + 7919)
+    order = train[batch_order(len(train), batch, steps, opts.seed + 7919)]
     last_save = time.time()
     for k in range(trainer.step_no, steps):
-        loss = kl(order[k])
-        trainer.step(loss)
-        meter.tick(k, loss.item())
-        if time.time() - last_save >= opts.save_every or k + 1 == steps:
-            state.save("e2e.npz", {**trainer.state(), "before": np.asarray(before)})
+        if flat is not None and flat.done:
+            break
+        trainer.step(kl(order[k]))
+        meter.tick(k, trainer.last_loss)
+        boundary = flat is not None and flat.round_ends()
+        if boundary:
+            flat.update(measured(held))
+            if not quiet:
+                print(f"heal end-to-end: {k + 1} steps, held-out KL {flat.history[-1]:.5f} (before "
+                      f"{flat.history[0]:.5f}){'; flat, stopping' if flat.done else ''}", file=sys.stderr, flush=True)
+        if boundary or time.time() - last_save >= opts.save_every or k + 1 == steps:
+            state.save("e2e.npz", {**trainer.state(), "before": np.asarray(before),
+                                   **(flat.state() if flat is not None else {})})
             last_save = time.time()
-    with torch.no_grad():
-        after = kl(probe).item()
+    if flat is not None:
+        flat.finish()
+    after = measured(probe)
+    steps = trainer.step_no
     if not quiet:
-        print(f"heal end-to-end: KL {before:.4f} -> {after:.4f} on {len(probe) * T} calibration tokens "
+        where = "held-out" if len(held) else "calibration"
+        print(f"heal end-to-end: KL {before:.4f} -> {after:.4f} on {len(probe) * T} {where} tokens "
               f"({steps} steps, {time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
     rec = record(steps * batch * T, before, after, time.time() - t0)
     header = {k: v for k, v in pack.header.items() if k not in ("tensors", "format_version", "min_reader")}

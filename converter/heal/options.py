@@ -6,11 +6,20 @@ from dataclasses import dataclass
 from llmpack.formats.errors import LlmpackError
 
 DEVICES = ("cpu", "cuda")
+AUTO_CAP = 65536  # --heal-tokens auto: at most this many tokens per block and end to end
+HELD_OUT = 8  # --heal-tokens auto: one calibration row in HELD_OUT (at least one) is held out
 
 
 @dataclass
 class HealOptions:
-    tokens: int = 32768  # training tokens of each phase (phase 1: per block)
+    tokens: int = 32768  # training tokens of each phase (phase 1: per block); with until_flat, the cap
+    # --heal-tokens auto: each block and the end-to-end phase train in rounds (one pass over the
+    # training rows) until two rounds in a row each lower the error on held-out calibration rows
+    # by less than min_gain, keeping the best round (train.UntilFlat); `tokens` caps each
+    # (AUTO_CAP). The budget then goes where the error still falls rather than the same to
+    # every block (docs/healing.md: Qwen's blocks trained 4 to 32 steps).
+    until_flat: bool = False
+    min_gain: float = 0.01  # relative: a round must cut the held-out error by 1 % to count
     device: str = "cpu"
     batch: int = 4  # sequences per step of the end-to-end phase
     # Block-wise sequences a step. On block 0 of the off-grid Qwen 0.5B at q2 GPTQ (16384 tokens,
@@ -38,9 +47,13 @@ class HealOptions:
     seed: int = 0
     save_every: float = 120.0  # seconds between the end-to-end phase's checkpoints
 
+    @classmethod
+    def auto(cls, **kw) -> "HealOptions":
+        return cls(tokens=AUTO_CAP, until_flat=True, **kw)
+
     def validate(self):
-        if self.tokens < 1:
-            raise LlmpackError(f"--heal-tokens {self.tokens}: give a positive number of training tokens")
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
+            raise LlmpackError(f"--heal-tokens {self.tokens}: give a positive number of training tokens, or auto")
         if self.device not in DEVICES:
             raise LlmpackError(f"--heal-device {self.device!r}: choose cpu or cuda")
         if self.device == "cuda":
@@ -50,7 +63,7 @@ class HealOptions:
                 raise LlmpackError("--heal-device cuda: torch sees no CUDA GPU here; use --heal-device cpu")
 
     def describe(self) -> dict:
-        return {"tokens": self.tokens, "device": self.device, "batch": self.batch, "block_batch": self.block_batch,
+        return {"tokens": self.tokens, "until_flat": self.until_flat, "device": self.device, "batch": self.batch, "block_batch": self.block_batch,
                 "phases": list(self.phases),
                 "lr": {"rounding": self.lr_weight, "scale": self.lr_scale, "float": self.lr_float,
                        "matrix": self.lr_matrix, "e2e_scale": self.e2e_lr_scale, "e2e_float": self.e2e_lr_float},

@@ -74,6 +74,7 @@ def record_bounds(opts, n_layers: int, seqlen: int, widest_seconds: float) -> li
 
     blocks = BlockHeal(None, opts, None)
     blocks.losses = [(WIDEST_SIG, WIDEST_SIG)] * n_layers
+    blocks.tokens = [opts.tokens + opts.block_batch * seqlen] * n_layers  # whole steps: under one more batch
     blocks.seconds = widest_seconds
     recs = [{"step": Teacher.name, **Teacher(opts.top_k).options()}]
     if "block" in opts.phases:
