@@ -1,7 +1,8 @@
 """The optimization loop both phases share: Adam, cosine learning rate, a seeded batch order.
 
 The batch of step k depends only on (seed, k), and the optimizer state can be saved and
-restored, so a resumed run takes exactly the steps an uninterrupted one would.
+restored, so a resumed run takes exactly the steps an uninterrupted one would. With
+--heal-tokens auto, `split_rows` holds rows out and `UntilFlat` says when a phase stops.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import time
 
 import numpy as np
 import torch
+
+from .options import HELD_OUT
 
 
 def batch_order(n_rows: int, batch: int, steps: int, seed: int) -> np.ndarray:
@@ -25,8 +28,6 @@ def split_rows(n_rows: int, opts) -> tuple[np.ndarray, np.ndarray]:
     """(training rows, held-out rows): with --heal-tokens auto the last n_rows // HELD_OUT (at
     least one, never all) rows only measure when to stop; otherwise every row trains and the
     held-out set is empty."""
-    from .options import HELD_OUT
-
     held = min(max(1, n_rows // HELD_OUT), n_rows - 1) if opts.until_flat and n_rows > 1 else 0
     rows = np.arange(n_rows)
     return rows[: n_rows - held], rows[n_rows - held:]
