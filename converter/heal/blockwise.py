@@ -121,12 +121,12 @@ class BlockHeal(Step):
         after = mean_error(np.arange(B))
         self.losses.append((before, after))
         done = trainer.step_no
-        self.tokens.append(done * batch * T)
+        self.tokens.append(tokens := done * batch * T)
         if not self.quiet:
             until = f", held-out {flat.history[0]:.5f} -> {flat.best_error:.5f}" if flat is not None else ""
             print(f"heal block {j}: error {before:.5f} -> {after:.5f} ({done} steps{until})", file=sys.stderr,
                   flush=True)
-        out = {"loss": np.asarray([before, after]), "tokens": np.asarray(done * batch * T)}
+        out = {"loss": np.asarray([before, after]), "tokens": np.asarray(tokens)}
         for name in list(p.mods) + list(p.vecs):
             kind, *rest = p.stored(name)
             if kind == "f":

@@ -172,7 +172,6 @@ def heal_file(src, out, ids: np.ndarray, topk: tuple, opts, state, amend=None,
         with torch.no_grad():
             return kl(rows).item()
 
-    before = measured(probe)
     trainer = Trainer(st.p.groups(0.0, opts.e2e_lr_scale, opts.e2e_lr_float, 0.0), steps, after_step=st.p.clamp, name="e2e")
     flat = UntilFlat.of(opts, trainer, len(train), batch, len(held))
     saved = state.load("e2e.npz")
@@ -181,8 +180,10 @@ def heal_file(src, out, ids: np.ndarray, topk: tuple, opts, state, amend=None,
         before = float(saved["before"])
         if flat is not None:
             flat.restore(saved)
-    elif flat is not None:
-        flat.update(before)
+    else:
+        before = measured(probe)
+        if flat is not None:
+            flat.update(before)
     meter = Meter("heal end-to-end", steps, batch * T, quiet)
     order = train[batch_order(len(train), batch, steps, opts.seed + 7919)]
     last_save = time.time()
@@ -202,8 +203,8 @@ def heal_file(src, out, ids: np.ndarray, topk: tuple, opts, state, amend=None,
                                    **(flat.state() if flat is not None else {})})
             last_save = time.time()
     if flat is not None:
-        flat.finish()
-    after = measured(probe)
+        flat.finish()  # the best round, whose held-out KL (the probe's) was measured
+    after = flat.best_error if flat is not None else measured(probe)
     steps = trainer.step_no
     if not quiet:
         where = "held-out" if len(held) else "calibration"

@@ -104,7 +104,7 @@ class UntilFlat:
     def __init__(self, min_gain: float, trainer: Trainer, round_steps: int, patience: int = 2):
         self.min_gain, self.trainer, self.round_steps, self.patience = min_gain, trainer, round_steps, patience
         self.history: list[float] = []
-        self.best_error, self.best, self.done = float("inf"), None, False
+        self.best = None  # the parameters at the lowest error so far
 
     @classmethod
     def of(cls, opts, trainer: Trainer, n_train: int, batch: int, n_held: int) -> "UntilFlat | None":
@@ -125,12 +125,18 @@ class UntilFlat:
             best = min(best, e)
         return best, since
 
+    @property
+    def best_error(self) -> float:
+        return self._replay()[0]
+
+    @property
+    def done(self) -> bool:
+        return self._replay()[1] >= self.patience
+
     def update(self, error: float):
-        self.history.append(float(error))
         if error < self.best_error:
             self.best = self.trainer.snapshot()
-        self.best_error, since = self._replay()
-        self.done = since >= self.patience
+        self.history.append(float(error))
 
     def finish(self):
         """The best round's parameters into the trainer's."""
@@ -145,8 +151,6 @@ class UntilFlat:
 
     def restore(self, saved: dict):
         self.history = [float(v) for v in saved.get("flat_history", [])]
-        self.best_error, since = self._replay()
-        self.done = bool(self.history) and since >= self.patience
         if "best0" in saved:
             dev = self.trainer.params[0].device
             self.best = [torch.from_numpy(saved[f"best{i}"]).to(dev) for i in range(len(self.trainer.params))]
